@@ -1,0 +1,34 @@
+"""mlx-quant-ops: fast, exact quantization kernels for MLX as custom ops.
+
+Three format families (MLX affine, DWQ, llama.cpp's GGUF), each op on three
+paths: a Metal kernel, the same kernel on NVIDIA through MLX's CUDA backend,
+and a pure-``mx`` reference that serves the CPU and is the oracle. See
+``DESIGN.md`` for the contract.
+"""
+
+from pathlib import Path
+
+from . import gguf
+from ._backend import BACKENDS, backend, use_backend
+
+__version__ = "0.1.0"
+
+DEFAULT_MODEL = "pystdlib-llama"
+
+
+def default_model_path() -> Path:
+    """The directory of the embedded small language model (mlx-lm format).
+
+    Returns:
+        pathlib.Path: a directory ``mlx_lm.load`` opens.
+    """
+    return Path(__file__).resolve().parent / "models" / DEFAULT_MODEL
+
+
+__all__ = [
+    "BACKENDS",
+    "backend",
+    "use_backend",
+    "default_model_path",
+    "gguf",
+]

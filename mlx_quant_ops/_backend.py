@@ -1,0 +1,137 @@
+"""Which path an op runs on: ``metal``, ``cuda`` or ``reference``.
+
+The path follows the device of the stream an op runs on: a GPU stream runs
+the kernel path of the GPU backend MLX was built with, a CPU stream runs the
+pure-``mx`` reference path. The environment variable ``MLX_QUANT_OPS_BACKEND``
+and the :func:`use_backend` context manager override that choice; an unknown
+name, or a GPU backend this MLX build cannot run, is an error rather than a
+silent fallback.
+"""
+
+import contextlib
+import contextvars
+import os
+from typing import Callable, Iterator, Optional, Union
+
+import mlx.core as mx
+
+BACKENDS = ("metal", "cuda", "reference")
+ENV_VAR = "MLX_QUANT_OPS_BACKEND"
+
+_override: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar(
+    "mlx_quant_ops_backend", default=None
+)
+
+StreamLike = Union[None, mx.Stream, mx.Device]
+
+
+def gpu_backend() -> Optional[str]:
+    """The GPU backend this MLX build can run, or ``None`` where it has none."""
+    if mx.metal.is_available():
+        return "metal"
+    if mx.cuda.is_available():
+        return "cuda"
+    return None
+
+
+def _check_name(name: str, where: str) -> str:
+    if not isinstance(name, str) or name.lower() not in BACKENDS:
+        raise ValueError(
+            f"[mlx_quant_ops] {where}: expected one of {', '.join(BACKENDS)}, "
+            f"got {name!r}."
+        )
+    name = name.lower()
+    if name != "reference" and gpu_backend() != name:
+        usable = ", ".join(repr(n) for n in ("reference", gpu_backend()) if n)
+        raise ValueError(
+            f"[mlx_quant_ops] {where}: backend {name!r} is not available in this "
+            f"MLX build; usable here: {usable}."
+        )
+    return name
+
+
+def _requested() -> Optional[str]:
+    name = _override.get()
+    if name is not None:
+        return name
+    env = os.environ.get(ENV_VAR)
+    if env:
+        return _check_name(env, f"environment variable {ENV_VAR}")
+    return None
+
+
+def _device_of(stream: StreamLike) -> mx.Device:
+    if stream is None:
+        return mx.default_device()
+    if isinstance(stream, mx.Stream):
+        return stream.device
+    return stream
+
+
+def backend(stream: StreamLike = None) -> str:
+    """The path an op on ``stream`` runs on now.
+
+    Args:
+        stream (mlx.core.Stream or mlx.core.Device, optional): the stream or
+            device the op would run on. Default: the default device.
+
+    Returns:
+        str: ``"metal"``, ``"cuda"`` or ``"reference"``.
+    """
+    requested = _requested()
+    if requested is not None:
+        return requested
+    if _device_of(stream) == mx.gpu:
+        return gpu_backend() or "reference"
+    return "reference"
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[str]:
+    """Run the ops inside the ``with`` block on the named path.
+
+    Args:
+        name (str): ``"metal"``, ``"cuda"`` or ``"reference"``.
+
+    Yields:
+        str: the backend name, lower-cased.
+    """
+    name = _check_name(name, "use_backend(name)")
+    token = _override.set(name)
+    try:
+        yield name
+    finally:
+        _override.reset(token)
+
+
+def kernel_stream(stream: StreamLike) -> mx.Stream:
+    """The stream a kernel launch goes to: ``stream`` when it is on the GPU,
+    else the default GPU stream (a GPU path forced on a CPU stream)."""
+    if isinstance(stream, mx.Stream) and stream.device == mx.gpu:
+        return stream
+    if isinstance(stream, mx.Device) and stream == mx.gpu:
+        return mx.default_stream(stream)
+    if stream is None and mx.default_device() == mx.gpu:
+        return mx.default_stream(mx.default_device())
+    return mx.default_stream(mx.gpu)
+
+
+def dispatch(
+    reference: Callable[..., object],
+    kernel: Callable[..., object],
+    *args,
+    stream: StreamLike = None,
+    **kwargs,
+):
+    """Run ``reference`` or ``kernel`` by the path :func:`backend` picks.
+
+    The reference runs on ``stream`` (as the default stream inside it); the
+    kernel path receives ``stream=`` set to the GPU stream to launch on.
+    Validation happens before this call, once, so every path sees the same
+    checked arguments.
+    """
+    if backend(stream) == "reference":
+        scope = mx.stream(stream) if stream is not None else contextlib.nullcontext()
+        with scope:
+            return reference(*args, **kwargs)
+    return kernel(*args, stream=kernel_stream(stream), **kwargs)

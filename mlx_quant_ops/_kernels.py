@@ -1,0 +1,143 @@
+"""Load kernel sources from ``kernels/`` and build them once per backend.
+
+Every kernel is a Metal body in ``kernels/<name>.metal``. On Apple silicon it
+is registered with ``mx.fast.metal_kernel``; on NVIDIA the very same body is
+registered with ``mx.fast.cuda_kernel`` behind ``kernels/metal_compat.cuh``,
+which maps Metal's vocabulary onto CUDA. Helpers shared by several bodies
+live in family headers (``kernels/*.h``) written in the Metal dialect too.
+
+A kernel object is built once per (kernel, backend) and cached; MLX compiles
+one instantiation per template argument list (dtype, bits, group size...) and
+caches that itself. Sizes such as N and K are runtime inputs, never template
+arguments, so a model needs a handful of instantiations, not one per shape.
+"""
+
+import functools
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence, Tuple
+
+import mlx.core as mx
+
+from ._backend import backend
+
+# The prelude each dialect starts with; family headers follow it.
+DIALECT_PRELUDE = {"metal": "metal_prelude.h", "cuda": "metal_compat.cuh"}
+
+
+@functools.lru_cache(maxsize=None)
+def kernel_dir() -> Path:
+    """The folder holding the kernel sources.
+
+    An installed package ships them as ``mlx_quant_ops.kernels``; a source
+    checkout on ``PYTHONPATH`` without installing has them at the top of the
+    repository.
+    """
+    spec = importlib.util.find_spec("mlx_quant_ops.kernels")
+    if spec is not None and spec.submodule_search_locations:
+        return Path(next(iter(spec.submodule_search_locations)))
+    return Path(__file__).resolve().parent.parent / "kernels"
+
+
+@functools.lru_cache(maxsize=None)
+def read_source(filename: str) -> str:
+    """The text of one file in :func:`kernel_dir`, read once."""
+    return (kernel_dir() / filename).read_text()
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    """One kernel: its body file, argument names and the headers it needs.
+
+    Attributes:
+        name: the kernel's name; its body is ``kernels/<name>.metal``.
+        inputs: input argument names, in call order.
+        outputs: output argument names, in call order.
+        headers: family headers (in ``kernels/``) the body uses, in order.
+    """
+
+    name: str
+    inputs: Tuple[str, ...]
+    outputs: Tuple[str, ...]
+    headers: Tuple[str, ...] = ("common.h",)
+
+    def header_text(self, dialect: str) -> str:
+        parts = [read_source(DIALECT_PRELUDE[dialect])]
+        parts += [read_source(h) for h in self.headers]
+        return "\n".join(parts)
+
+    def body(self) -> str:
+        return read_source(f"{self.name}.metal")
+
+
+@functools.lru_cache(maxsize=None)
+def _build(spec: KernelSpec, dialect: str):
+    if dialect == "metal":
+        return mx.fast.metal_kernel(
+            name=spec.name,
+            input_names=list(spec.inputs),
+            output_names=list(spec.outputs),
+            source=spec.body(),
+            header=spec.header_text("metal"),
+        )
+    return mx.fast.cuda_kernel(
+        name=spec.name,
+        input_names=list(spec.inputs),
+        output_names=list(spec.outputs),
+        source=spec.body(),
+        header=spec.header_text("cuda"),
+    )
+
+
+def launch(
+    spec: KernelSpec,
+    inputs: Sequence[mx.array],
+    *,
+    template: Sequence[Tuple[str, object]],
+    grid: Tuple[int, int, int],
+    threadgroup: Tuple[int, int, int],
+    output_shapes: Sequence[Sequence[int]],
+    output_dtypes: Sequence[mx.Dtype],
+    stream: mx.Stream,
+    init_value=None,
+):
+    """Launch ``spec`` on the GPU backend of ``stream``.
+
+    ``grid`` counts threads (Metal's convention) and must be a whole number
+    of threadgroups in each dimension, so Metal and CUDA launch the same
+    threads; kernels bounds-check inside.
+
+    Returns:
+        list[mlx.core.array]: the outputs.
+    """
+    for g, t in zip(grid, threadgroup):
+        if g % t:
+            raise AssertionError(
+                f"{spec.name}: grid {grid} is not a whole number of "
+                f"threadgroups {threadgroup}"
+            )
+    dialect = backend(stream)
+    kwargs = {}
+    if init_value is not None:
+        kwargs["init_value"] = init_value
+    return _build(spec, dialect)(
+        inputs=list(inputs),
+        template=list(template),
+        grid=grid,
+        threadgroup=threadgroup,
+        output_shapes=[tuple(s) for s in output_shapes],
+        output_dtypes=list(output_dtypes),
+        stream=stream,
+        **kwargs,
+    )
+
+
+def ceil_to(value: int, multiple: int) -> int:
+    """``value`` rounded up to a multiple of ``multiple``."""
+    return -(-value // multiple) * multiple
+
+
+def sizes(*values: int) -> mx.array:
+    """Runtime sizes (N, K, ...) for a kernel, as an int32 input array."""
+    return mx.array(list(values), dtype=mx.int32)

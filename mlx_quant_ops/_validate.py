@@ -1,0 +1,88 @@
+"""Argument checks shared by every op.
+
+Each check raises before anything is launched, with a message that names the
+op, the argument, what was expected and what was given, e.g.::
+
+    [mlx_quant_ops.gguf.quantize] x: expected dtype float32, float16 or
+    bfloat16, got int32.
+
+Wrong kinds of object and wrong dtypes are ``TypeError``; wrong shapes,
+sizes and option values are ``ValueError``. The same checks run whatever
+path the op then takes, so messages are identical on every path.
+"""
+
+from typing import Iterable, Sequence
+
+import mlx.core as mx
+
+FLOAT_DTYPES = (mx.float32, mx.float16, mx.bfloat16)
+INDEX_DTYPES = (mx.uint32, mx.int32)
+
+
+def dtype_name(dtype: mx.Dtype) -> str:
+    return str(dtype).replace("mlx.core.", "")
+
+
+def _one_of(items: Sequence[str]) -> str:
+    items = list(items)
+    if len(items) == 1:
+        return items[0]
+    return ", ".join(items[:-1]) + " or " + items[-1]
+
+
+def fail(op: str, arg: str, expected: str, got: object, exc=ValueError):
+    raise exc(f"[mlx_quant_ops.{op}] {arg}: expected {expected}, got {got}.")
+
+
+def array(op: str, arg: str, x) -> mx.array:
+    """``x`` itself, after checking it is an ``mx.array``."""
+    if not isinstance(x, mx.array):
+        fail(op, arg, "an mlx.core.array", type(x).__name__, TypeError)
+    return x
+
+
+def dtype(op: str, arg: str, x: mx.array, allowed: Iterable[mx.Dtype]) -> None:
+    allowed = tuple(allowed)
+    if x.dtype not in allowed:
+        fail(
+            op,
+            arg,
+            "dtype " + _one_of([dtype_name(d) for d in allowed]),
+            dtype_name(x.dtype),
+            TypeError,
+        )
+
+
+def ndim(op: str, arg: str, x: mx.array, at_least: int = 1, exactly=None) -> None:
+    if exactly is not None and x.ndim != exactly:
+        fail(op, arg, f"{exactly} dimensions", f"shape {tuple(x.shape)}")
+    if x.ndim < at_least:
+        fail(op, arg, f"at least {at_least} dimension(s)", f"shape {tuple(x.shape)}")
+
+
+def last_axis_multiple(op: str, arg: str, x: mx.array, multiple: int, why: str):
+    if x.ndim == 0 or x.shape[-1] % multiple or x.shape[-1] == 0:
+        fail(
+            op,
+            arg,
+            f"a last axis that is a positive multiple of {multiple} ({why})",
+            f"shape {tuple(x.shape)}",
+        )
+
+
+def choice(op: str, arg: str, value, allowed: Sequence) -> None:
+    if isinstance(value, bool) or value not in allowed:
+        fail(op, arg, "one of " + _one_of([str(a) for a in allowed]), repr(value))
+
+
+def float_dtype(op: str, arg: str, value) -> mx.Dtype:
+    """An output dtype option: one of the float dtypes."""
+    if not isinstance(value, mx.Dtype) or value not in FLOAT_DTYPES:
+        fail(
+            op,
+            arg,
+            _one_of(["mlx.core." + dtype_name(d) for d in FLOAT_DTYPES]),
+            repr(value),
+            TypeError,
+        )
+    return value
