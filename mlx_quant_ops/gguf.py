@@ -333,4 +333,3 @@ def qdq(x: mx.array, type: str, *, stream: StreamLike = None) -> mx.array:
     fmt = get_format(type, "gguf.qdq")
     _check_values("gguf.qdq", x, fmt)
     return dispatch(_qdq_reference, _qdq_kernel, x, fmt, stream=stream)
-

@@ -1,0 +1,1 @@
+"""Benchmarks: ``python -m mlx_quant_ops.bench`` (see DESIGN.md, Benchmarks)."""

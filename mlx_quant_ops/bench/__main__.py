@@ -1,0 +1,74 @@
+"""``python -m mlx_quant_ops.bench [--quick] [--only GROUP]``: one row per op
+and LLM-shaped case; see :mod:`mlx_quant_ops.bench.core` for the protocol."""
+
+import argparse
+import datetime
+import importlib
+import importlib.util
+import json
+import platform
+
+import mlx.core as mx
+
+from .._backend import backend
+from .core import HEADER, copy_bandwidth, run_cases
+
+# Each module exposes ``cases(quick: bool) -> list[Case]``.
+CASE_MODULES = ("gguf_cases", "affine_cases")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m mlx_quant_ops.bench")
+    parser.add_argument(
+        "--quick", action="store_true", help="small shapes (CPU, smoke runs)"
+    )
+    parser.add_argument(
+        "--only", default=None, help="run only cases whose op contains this text"
+    )
+    parser.add_argument("--json", default=None, help="also write rows to this file")
+    args = parser.parse_args(argv)
+
+    device = mx.default_device()
+    print(
+        f"# {datetime.date.today()} {platform.node()} MLX {mx.__version__} "
+        f"device={device} path={backend()}"
+    )
+    bandwidth = copy_bandwidth(64 if args.quick else 1024)
+    print(f"# measured copy bandwidth: {bandwidth / 1e12:.3f} TB/s")
+    print(HEADER)
+    rows = []
+    for name in CASE_MODULES:
+        module_name = f"{__package__}.{name}"
+        if importlib.util.find_spec(module_name) is None:
+            continue
+        cases = importlib.import_module(module_name).cases(args.quick)
+        if args.only:
+            cases = [c for c in cases if args.only in c.group]
+        rows += run_cases(cases, bandwidth)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(
+                {
+                    "date": str(datetime.date.today()),
+                    "mlx": mx.__version__,
+                    "path": backend(),
+                    "copy_bandwidth": bandwidth,
+                    "rows": [
+                        {
+                            "op": r.case.group,
+                            "case": r.case.name,
+                            "ours_us": r.ours_us,
+                            "builtin_us": r.builtin_us,
+                            "dense_us": r.dense_us,
+                            "floor_us": r.floor_us,
+                        }
+                        for r in rows
+                    ],
+                },
+                f,
+                indent=1,
+            )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,133 @@
+"""The timing protocol every benchmark row follows (DESIGN.md, Benchmarks).
+
+Many independent calls go into one ``mx.eval``, rotating at least six weight
+sets so repeats do not sit in cache; the time per call is the median over
+repeats, after a warm-up that also pays any kernel compilation. Each row
+compares our op with MLX's built-in (where one exists) and an fp16 dense
+matmul, and with the memory-bandwidth floor: the bytes the op must move over
+the measured copy bandwidth.
+"""
+
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable, List, Optional
+
+import mlx.core as mx
+
+WEIGHT_SETS = 6
+
+#: One call of an op on weight set ``i`` (0 <= i < WEIGHT_SETS).
+Op = Callable[[int], mx.array]
+
+
+@dataclass
+class Case:
+    """One benchmark row.
+
+    Attributes:
+        group: the op family and op, e.g. ``"gguf qdq"``.
+        name: the shape or variant, e.g. ``"Q4_0 4096x14336 f32"``.
+        ours: our op on weight set ``i``.
+        builtin: MLX's built-in doing the same work, if one exists.
+        dense: the fp16 dense equivalent (matmuls), if meaningful.
+        bytes_moved: bytes our op must read and write at the least.
+    """
+
+    group: str
+    name: str
+    ours: Op
+    builtin: Optional[Op] = None
+    dense: Optional[Op] = None
+    bytes_moved: int = 0
+
+
+def time_op(op: Op, repeats: int = 7, target_seconds: float = 0.02) -> float:
+    """Median wall time of one call of ``op``, in microseconds.
+
+    Args:
+        op: builds one call's output for a weight-set index.
+        repeats: timed repeats; the median is reported.
+        target_seconds: roughly how long one repeat should run.
+
+    Returns:
+        float: microseconds per call.
+    """
+    mx.eval([op(i) for i in range(WEIGHT_SETS)])  # warm-up, compiles kernels
+    calls = WEIGHT_SETS
+    while True:
+        outputs = [op(i % WEIGHT_SETS) for i in range(calls)]
+        start = time.perf_counter()
+        mx.eval(outputs)
+        elapsed = time.perf_counter() - start
+        if elapsed >= target_seconds or calls >= 4096:
+            break
+        calls *= 2
+    samples = []
+    for _ in range(repeats):
+        outputs = [op(i % WEIGHT_SETS) for i in range(calls)]
+        start = time.perf_counter()
+        mx.eval(outputs)
+        samples.append((time.perf_counter() - start) / calls)
+    return statistics.median(samples) * 1e6
+
+
+def copy_bandwidth(megabytes: int = 512) -> float:
+    """Measured device copy bandwidth in bytes per second (bytes read plus
+    bytes written), the denominator of every floor."""
+    n = megabytes * (1 << 20) // 4
+    sources = [mx.random.uniform(shape=(n,)) for _ in range(2)]
+    mx.eval(sources)
+    us = time_op(lambda i: sources[i % 2] + 0.0, repeats=5)
+    return 2 * n * 4 / (us * 1e-6)
+
+
+@dataclass
+class Row:
+    case: Case
+    ours_us: float
+    builtin_us: Optional[float]
+    dense_us: Optional[float]
+    floor_us: Optional[float]
+
+
+def run_cases(cases: List[Case], bandwidth: float, log=print) -> List[Row]:
+    """Time every case; print each row as it completes.
+
+    Returns:
+        list[Row]: the measured rows.
+    """
+    rows = []
+    for case in cases:
+        ours = time_op(case.ours)
+        builtin = time_op(case.builtin) if case.builtin else None
+        dense = time_op(case.dense) if case.dense else None
+        floor = case.bytes_moved / bandwidth * 1e6 if case.bytes_moved else None
+        row = Row(case, ours, builtin, dense, floor)
+        rows.append(row)
+        log(format_row(row))
+    return rows
+
+
+HEADER = (
+    f"{'op':<22} {'case':<36} {'ours us':>9} {'built-in':>9} {'fp16 dense':>10} "
+    f"{'floor us':>9} {'floor/ours':>10} {'GB/s':>8}"
+)
+
+
+def _num(value: Optional[float], width: int, fmt: str = ".1f") -> str:
+    return f"{value:>{width}{fmt}}" if value is not None else f"{'-':>{width}}"
+
+
+def format_row(row: Row) -> str:
+    fraction = row.floor_us / row.ours_us if row.floor_us else None
+    gbs = (
+        row.case.bytes_moved / (row.ours_us * 1e-6) / 1e9
+        if row.case.bytes_moved
+        else None
+    )
+    return (
+        f"{row.case.group:<22} {row.case.name:<36} {row.ours_us:>9.1f} "
+        f"{_num(row.builtin_us, 9)} {_num(row.dense_us, 10)} "
+        f"{_num(row.floor_us, 9)} {_num(fraction, 10, '.2f')} {_num(gbs, 8, '.0f')}"
+    )
