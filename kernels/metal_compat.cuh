@@ -25,9 +25,24 @@ typedef __nv_bfloat16 bfloat16_t;
 typedef unsigned char uchar;
 typedef unsigned short ushort;
 typedef unsigned int uint;
-typedef unsigned long long ulong;
+// glibc's <sys/types.h> (pulled in by nvcc, not by NVRTC) declares ushort,
+// uint and ulong with these very types; any other choice would clash there.
+// unsigned long is 64-bit on Linux (LP64), as Metal's ulong is.
+typedef unsigned long ulong;
 
 // ---- address spaces and function qualifiers -------------------------------
+// CUDA spells its own qualifiers through the words we empty below
+// (__device__ is __location__(device)), so once `device` is an empty macro
+// __device__ would silently mean "host". NVRTC, which MLX uses, compiles
+// every function for the device by default and never notices; nvcc (the CI
+// compile check) does. Re-spelling the attributes with GNU's underscored
+// names keeps them intact under both.
+#if !defined(__CUDACC_RTC__)
+#undef __device__
+#define __device__ __attribute__((__device__))
+#undef __constant__
+#define __constant__ __attribute__((__constant__))
+#endif
 #define device
 #define constant
 #define thread
