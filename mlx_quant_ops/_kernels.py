@@ -12,6 +12,8 @@ caches that itself. Sizes such as N and K are runtime inputs, never template
 arguments, so a model needs a handful of instantiations, not one per shape.
 """
 
+import contextlib
+import contextvars
 import functools
 import importlib.util
 from dataclasses import dataclass
@@ -21,6 +23,11 @@ from typing import Sequence, Tuple
 import mlx.core as mx
 
 from ._backend import backend
+
+# When set, every launch pre-fills its outputs with this value (NaN for
+# floats) so an element a kernel fails to write shows up in tests instead of
+# passing with whatever the allocator left there.
+_poison: contextvars.ContextVar = contextvars.ContextVar("mqo_poison", default=None)
 
 # The prelude each dialect starts with; family headers follow it.
 DIALECT_PRELUDE = {"metal": "metal_prelude.h", "cuda": "metal_compat.cuh"}
@@ -119,6 +126,8 @@ def launch(
             )
     dialect = backend(stream)
     kwargs = {}
+    if init_value is None:
+        init_value = _poison.get()
     if init_value is not None:
         kwargs["init_value"] = init_value
     return _build(spec, dialect)(
@@ -131,6 +140,18 @@ def launch(
         stream=stream,
         **kwargs,
     )
+
+
+@contextlib.contextmanager
+def poison_outputs(value: float = float("nan")):
+    """Inside the block, kernels start from outputs filled with ``value``
+    (a testing aid: unwritten elements then fail comparisons). Kernels that
+    pass their own ``init_value`` keep it."""
+    token = _poison.set(value)
+    try:
+        yield
+    finally:
+        _poison.reset(token)
 
 
 def ceil_to(value: int, multiple: int) -> int:

@@ -1,0 +1,76 @@
+"""Path selection: the stream's device, the environment variable and
+``use_backend``; unknown or unavailable backends are errors."""
+
+import os
+import subprocess
+import sys
+
+import mlx.core as mx
+import pytest
+
+import mlx_quant_ops as mqo
+from mlx_quant_ops._backend import gpu_backend
+
+
+def test_cpu_stream_runs_the_reference():
+    assert mqo.backend(mx.cpu) == "reference"
+    assert mqo.backend(mx.default_stream(mx.cpu)) == "reference"
+
+
+def test_gpu_stream_follows_the_build():
+    if gpu_backend() is None:
+        pytest.skip("no GPU backend")
+    assert mqo.backend(mx.gpu) == gpu_backend()
+
+
+def test_use_backend_overrides_and_restores():
+    before = mqo.backend(mx.cpu)
+    with mqo.use_backend("REFERENCE") as name:
+        assert name == "reference"
+        assert mqo.backend(mx.gpu) == "reference"
+    assert mqo.backend(mx.cpu) == before
+
+
+@pytest.mark.parametrize("name", ["vulkan", "", 3])
+def test_use_backend_rejects_unknown_names(name):
+    with pytest.raises(
+        ValueError, match=r"use_backend\(name\): expected one of metal, cuda, reference"
+    ):
+        with mqo.use_backend(name):
+            pass
+
+
+def test_use_backend_rejects_unavailable_gpu():
+    missing = [b for b in ("metal", "cuda") if b != gpu_backend()]
+    for name in missing:
+        with pytest.raises(ValueError, match=f"backend '{name}' is not available"):
+            with mqo.use_backend(name):
+                pass
+
+
+def _backend_in_subprocess(value):
+    env = dict(os.environ, MLX_QUANT_OPS_BACKEND=value)
+    return subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import mlx_quant_ops as m, mlx.core as mx; print(m.backend(mx.gpu))",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+
+
+def test_environment_variable_selects_the_path():
+    result = _backend_in_subprocess("reference")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "reference"
+
+
+def test_environment_variable_rejects_unknown_names():
+    result = _backend_in_subprocess("tpu")
+    assert result.returncode != 0
+    assert (
+        "environment variable MLX_QUANT_OPS_BACKEND: expected one of" in result.stderr
+    )
