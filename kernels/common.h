@@ -16,11 +16,14 @@ METAL_FUNC float mqo_f16_bits_to_f32(ushort bits) {
   return static_cast<float>(as_type<half>(bits));
 }
 
-// Little-endian 16-bit load and store on a byte buffer with any alignment.
+// Little-endian 16-bit load and store of a scale at an even byte offset
+// (every GGUF block and every scale inside one starts at an even offset).
+// One 16-bit access rather than two byte accesses: on the H100, storing the
+// low byte of a freshly converted half through st.u8 wrote 0 (ptxas kept the
+// half in the upper half of a 32-bit register), which a 16-bit store avoids.
 METAL_FUNC ushort mqo_load_u16(const device uchar* p) {
-  return static_cast<ushort>(p[0]) | (static_cast<ushort>(p[1]) << 8);
+  return *reinterpret_cast<const device ushort*>(p);
 }
 METAL_FUNC void mqo_store_u16(device uchar* p, ushort v) {
-  p[0] = static_cast<uchar>(v & 0xff);
-  p[1] = static_cast<uchar>(v >> 8);
+  *reinterpret_cast<device ushort*>(p) = v;
 }
