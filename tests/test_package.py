@@ -5,6 +5,8 @@ import importlib
 import pkgutil
 from pathlib import Path
 
+import pytest
+
 import mlx_quant_ops as mqo
 from mlx_quant_ops import _kernels
 
@@ -42,3 +44,11 @@ def test_every_kernel_spec_has_its_body():
 def test_default_model_path_is_inside_the_package():
     path = Path(mqo.default_model_path())
     assert Path(mqo.__file__).parent in path.parents
+
+
+def test_installed_copy_reads_its_own_kernels():
+    package_dir = Path(mqo.__file__).resolve().parent
+    if REPO_KERNELS.parent == package_dir.parent:
+        pytest.skip("imported from the source tree, not an installed copy")
+    # An installed wheel must not fall back to a source checkout's kernels/.
+    assert package_dir in _kernels.kernel_dir().resolve().parents
