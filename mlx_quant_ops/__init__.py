@@ -8,8 +8,9 @@ and a pure-``mx`` reference that serves the CPU and is the oracle. See
 
 from pathlib import Path
 
-from . import gguf
+from . import affine, gguf
 from ._backend import BACKENDS, backend, use_backend
+from .affine import dequantize, gather_qmm, quantize, quantized_matmul
 
 __version__ = "0.1.0"
 
@@ -31,4 +32,9 @@ __all__ = [
     "use_backend",
     "default_model_path",
     "gguf",
+    "affine",
+    "quantize",
+    "dequantize",
+    "quantized_matmul",
+    "gather_qmm",
 ]

@@ -11,9 +11,11 @@ sizes and option values are ``ValueError``. The same checks run whatever
 path the op then takes, so messages are identical on every path.
 """
 
+import itertools
 from typing import Iterable, Sequence
 
 import mlx.core as mx
+import numpy as np
 
 FLOAT_DTYPES = (mx.float32, mx.float16, mx.bfloat16)
 INDEX_DTYPES = (mx.uint32, mx.int32)
@@ -85,4 +87,52 @@ def float_dtype(op: str, arg: str, value) -> mx.Dtype:
             repr(value),
             TypeError,
         )
+    return value
+
+
+def integer_dtype(op: str, arg: str, x: mx.array) -> None:
+    """Index arrays: any integer dtype, as MLX's gather ops accept."""
+    if not mx.issubdtype(x.dtype, mx.integer):
+        fail(op, arg, "an integer dtype", dtype_name(x.dtype), TypeError)
+
+
+def index_range(op: str, arg: str, x: mx.array, bound: int, what: str) -> None:
+    """Every value of the index array ``x`` in ``[0, bound)``.
+
+    The check reads the indices on the host (evaluating them if needed), so a
+    bad index is an error here instead of an out-of-bounds read in a kernel.
+    """
+    if x.size == 0:
+        return
+    values = np.asarray(x)
+    low, high = int(values.min()), int(values.max())
+    if low < 0 or high >= bound:
+        fail(
+            op,
+            arg,
+            f"values in [0, {bound}) ({what})",
+            f"values in [{low}, {high}]",
+        )
+
+
+def broadcast_shapes(op: str, arg: str, *shapes: Sequence[int]) -> tuple:
+    """The NumPy broadcast of ``shapes``; ValueError naming ``arg`` if they
+    do not broadcast."""
+    result = []
+    for dims in itertools.zip_longest(*(reversed(tuple(s)) for s in shapes)):
+        sizes = {d for d in dims if d is not None and d != 1}
+        if len(sizes) > 1:
+            fail(
+                op,
+                arg,
+                "shapes that broadcast together",
+                " and ".join(str(tuple(s)) for s in shapes),
+            )
+        result.append(sizes.pop() if sizes else 1)
+    return tuple(reversed(result))
+
+
+def boolean(op: str, arg: str, value) -> bool:
+    if not isinstance(value, bool):
+        fail(op, arg, "True or False", repr(value), TypeError)
     return value

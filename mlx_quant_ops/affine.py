@@ -1,0 +1,703 @@
+"""MLX's affine quantization format as ops: the drop-in twins of
+``mx.quantize``, ``mx.dequantize``, ``mx.quantized_matmul`` and
+``mx.gather_qmm`` (``mode="affine"``).
+
+Format (as ``mx.quantize`` writes it): a weight ``[..., K]`` is cut into
+groups of ``group_size`` consecutive values along its last axis; each group
+has a scale ``s`` and a bias ``b`` (in the weight's dtype) and each value a
+``bits``-wide code ``q`` in ``[0, 2**bits)``, standing for ``q * s + b``. The
+codes of a row form one little-endian bit stream, value ``i`` at bit
+``i * bits``, stored as ``uint32`` words: for 1, 2, 4 and 8 bits each word
+holds ``32 / bits`` whole codes; for 3, 5 and 6 bits a code may straddle two
+words (MLX writes those as packs of 3, 5 and 3 bytes, which is the same
+stream).
+
+Every op comes in three pieces: ``_<op>_reference`` (pure ``mx``; the CPU
+path and the oracle), ``_<op>_kernel`` (the Metal bodies in ``kernels/``,
+run on CUDA through the compatibility header) and the public ``<op>``, which
+validates once and dispatches on the stream's device. The matmuls are
+``mx.custom_function`` s, so gradients with respect to ``x``, ``scales``
+and ``biases`` follow the same path as the forward pass.
+"""
+
+from typing import Optional, Tuple
+
+import mlx.core as mx
+
+from . import _validate as check
+from ._backend import StreamLike, dispatch
+
+AFFINE_BITS = (1, 2, 3, 4, 5, 6, 8)
+AFFINE_GROUP_SIZES = (32, 64, 128)
+DEFAULT_GROUP_SIZE = 64
+DEFAULT_BITS = 4
+WORD_BITS = 32
+
+# Bits whose codes straddle words: values and bytes per pack as MLX writes
+# them (a pack is the smallest run of whole codes filling whole bytes).
+_PACKS = {3: (8, 3), 5: (8, 5), 6: (4, 3)}
+
+# mx.quantize's lower bound on a group's scale.
+_SCALE_EPS = 1e-7
+
+
+# ---- format and validation -----------------------------------------------
+
+
+def _format(op: str, group_size, bits, mode, global_scale=None) -> Tuple[int, int]:
+    """Checked ``(group_size, bits)``, with MLX's affine defaults for None."""
+    if mode != "affine":
+        check.fail(
+            op,
+            "mode",
+            "'affine' (the other modes of mlx.core are not provided here)",
+            repr(mode),
+        )
+    if global_scale is not None:
+        check.fail(
+            op, "global_scale", "None (it applies to mode 'nvfp4' only)", "an array"
+        )
+    group_size = DEFAULT_GROUP_SIZE if group_size is None else group_size
+    bits = DEFAULT_BITS if bits is None else bits
+    check.choice(op, "group_size", group_size, AFFINE_GROUP_SIZES)
+    check.choice(op, "bits", bits, AFFINE_BITS)
+    return group_size, bits
+
+
+def _check_packed(op: str, w, scales, biases, group_size: int, bits: int) -> int:
+    """Check a packed weight and its scales and biases; return K, the
+    unpacked length of ``w``'s last axis."""
+    check.array(op, "w", w)
+    check.dtype(op, "w", w, (mx.uint32,))
+    check.ndim(op, "w", w, at_least=2)
+    check.array(op, "scales", scales)
+    check.dtype(op, "scales", scales, check.FLOAT_DTYPES)
+    if biases is None:
+        check.fail(op, "biases", "an array (affine quantization needs biases)", None)
+    check.array(op, "biases", biases)
+    check.dtype(op, "biases", biases, check.FLOAT_DTYPES)
+    packed = w.shape[-1]
+    if packed == 0 or (packed * WORD_BITS) % (bits * group_size):
+        check.fail(
+            op,
+            "w",
+            f"a last axis of uint32 words holding whole groups of {group_size} "
+            f"{bits}-bit values (a multiple of {bits * group_size // 32} words)",
+            f"shape {tuple(w.shape)}",
+        )
+    k = packed * WORD_BITS // bits
+    expected = (*w.shape[:-1], k // group_size)
+    if tuple(scales.shape) != expected:
+        check.fail(
+            op,
+            "scales",
+            f"shape {expected} (one per group of {group_size} for w of shape "
+            f"{tuple(w.shape)} at {bits} bits)",
+            f"shape {tuple(scales.shape)}",
+        )
+    if tuple(biases.shape) != expected:
+        check.fail(
+            op,
+            "biases",
+            f"shape {expected}, the shape of scales",
+            f"shape {tuple(biases.shape)}",
+        )
+    return k
+
+
+def _result_dtype(*dtypes: mx.Dtype) -> mx.Dtype:
+    """MLX's promotion among float dtypes (f16 with bf16 gives f32)."""
+    kinds = set(dtypes)
+    return kinds.pop() if len(kinds) == 1 else mx.float32
+
+
+def _check_matmul(op: str, x, w, scales, biases, transpose, group_size, bits):
+    """Checks shared by the matmuls; returns ``(K, N, out_dtype)`` where the
+    product is ``[..., M, K] x [K, N]``."""
+    k = _check_packed(op, w, scales, biases, group_size, bits)
+    check.array(op, "x", x)
+    check.dtype(op, "x", x, check.FLOAT_DTYPES)
+    check.ndim(op, "x", x, at_least=1)
+    check.boolean(op, "transpose", transpose)
+    inner, outer = (k, w.shape[-2]) if transpose else (w.shape[-2], k)
+    if x.shape[-1] != inner:
+        check.fail(
+            op,
+            "x",
+            f"a last axis of {inner} (w of shape {tuple(w.shape)} is a "
+            f"{'transposed ' if transpose else ''}{inner}x{outer} matrix at "
+            f"{bits} bits)",
+            f"shape {tuple(x.shape)}",
+        )
+    return inner, outer, _result_dtype(x.dtype, scales.dtype, biases.dtype)
+
+
+def _check_indices(op: str, arg: str, indices, batch_shape, what: str):
+    """An index array into the flattened ``batch_shape``; ``None`` gives
+    every batch entry in order (MLX's default)."""
+    bound = 1
+    for d in batch_shape:
+        bound *= d
+    if indices is None:
+        return mx.arange(bound, dtype=mx.uint32).reshape(tuple(batch_shape))
+    check.array(op, arg, indices)
+    check.integer_dtype(op, arg, indices)
+    check.index_range(op, arg, indices, bound, what)
+    return indices.astype(mx.uint32)
+
+
+# ---- packing ---------------------------------------------------------------
+
+
+def _unpack(w: mx.array, bits: int) -> mx.array:
+    """uint32 words ``[..., P]`` -> uint32 codes ``[..., P * 32 / bits]``."""
+    mask = (1 << bits) - 1
+    if WORD_BITS % bits == 0:
+        shifts = mx.arange(0, WORD_BITS, bits, dtype=mx.uint32)
+        codes = (w[..., None] >> shifts) & mask
+        return codes.reshape(*w.shape[:-1], -1)
+    per_pack, pack_bytes = _PACKS[bits]
+    wide = mx.uint64 if pack_bytes * 8 > WORD_BITS else mx.uint32
+    raw = mx.contiguous(w).view(mx.uint8).reshape(*w.shape[:-1], -1, pack_bytes)
+    raw = raw.astype(wide)
+    packs = raw[..., 0]
+    for i in range(1, pack_bytes):
+        packs = packs | (raw[..., i] << (8 * i))
+    shifts = mx.arange(0, per_pack * bits, bits).astype(wide)
+    codes = ((packs[..., None] >> shifts) & mask).astype(mx.uint32)
+    return codes.reshape(*w.shape[:-1], -1)
+
+
+def _pack(codes: mx.array, bits: int) -> mx.array:
+    """uint32 codes ``[..., K]`` -> uint32 words ``[..., K * bits / 32]``,
+    the inverse of :func:`_unpack`."""
+    lead = codes.shape[:-1]
+    if WORD_BITS % bits == 0:
+        shifts = mx.arange(0, WORD_BITS, bits, dtype=mx.uint32)
+        fields = codes.reshape(*lead, -1, WORD_BITS // bits) << shifts
+        # The fields are disjoint, so their sum is their bitwise or.
+        return fields.sum(-1).astype(mx.uint32)
+    per_pack, pack_bytes = _PACKS[bits]
+    wide = mx.uint64 if pack_bytes * 8 > WORD_BITS else mx.uint32
+    shifts = mx.arange(0, per_pack * bits, bits).astype(wide)
+    fields = codes.reshape(*lead, -1, per_pack).astype(wide) << shifts
+    packs = fields.sum(-1).astype(wide)
+    byte_shifts = mx.arange(0, 8 * pack_bytes, 8).astype(wide)
+    raw = ((packs[..., None] >> byte_shifts) & 0xFF).astype(mx.uint8)
+    return raw.reshape(*lead, -1).view(mx.uint32)
+
+
+# ---- quantize ----------------------------------------------------------------
+
+
+def _quantize_reference(w, group_size, bits):
+    n_bins = float((1 << bits) - 1)
+    groups = w.astype(mx.float32).reshape(*w.shape[:-1], -1, group_size)
+    w_max = groups.max(axis=-1, keepdims=True)
+    w_min = groups.min(axis=-1, keepdims=True)
+    # Two bits and more: the scale points from the edge of larger magnitude
+    # through the other one, and is then nudged so that edge lands exactly
+    # on a code; a group whose edge rounds to code 0 keeps a zero bias (as
+    # mx.quantize does).
+    if bits == 1:
+        # One bit: the two codes stand for the group's minimum and maximum.
+        scale = mx.maximum(w_max - w_min, _SCALE_EPS)
+        bias = w_min
+    else:
+        min_side = mx.abs(w_min) > mx.abs(w_max)
+        scale = mx.maximum((w_max - w_min) / n_bins, _SCALE_EPS)
+        scale = mx.where(min_side, scale, -scale)
+        edge = mx.where(min_side, w_min, w_max)
+        q0 = mx.round(edge / scale)
+        on_code = q0 != 0
+        scale = mx.where(on_code, edge / mx.where(on_code, q0, 1.0), scale)
+        bias = mx.where(on_code, edge, 0.0)
+    codes = mx.clip(mx.round((groups - bias) / scale), 0.0, n_bins)
+    w_q = _pack(codes.astype(mx.uint32).reshape(w.shape), bits)
+    return w_q, scale.squeeze(-1).astype(w.dtype), bias.squeeze(-1).astype(w.dtype)
+
+
+def _quantize_kernel(w, group_size, bits, *, stream):
+    with mx.stream(stream):
+        return _quantize_reference(w, group_size, bits)
+
+
+def quantize(
+    w: mx.array,
+    group_size: Optional[int] = None,
+    bits: Optional[int] = None,
+    mode: str = "affine",
+    *,
+    global_scale: Optional[mx.array] = None,
+    stream: StreamLike = None,
+) -> Tuple[mx.array, mx.array, mx.array]:
+    """Quantize ``w`` in MLX's affine format, bit-identical to
+    ``mx.quantize(w, group_size, bits, mode="affine")``.
+
+    Args:
+        w (mlx.core.array): float32, float16 or bfloat16 values, at least two
+            dimensions, the last a multiple of ``group_size``.
+        group_size (int, optional): values per scale and bias: 32, 64 or 128.
+            Default: 64.
+        bits (int, optional): bits per value: 1, 2, 3, 4, 5, 6 or 8.
+            Default: 4.
+        mode (str): only ``"affine"``.
+        global_scale: only ``None`` (an ``nvfp4`` option of ``mx.quantize``).
+        stream (mlx.core.Stream or Device, optional): where to run.
+
+    Returns:
+        tuple(mlx.core.array, mlx.core.array, mlx.core.array): the packed
+        codes (uint32, ``[..., K * bits / 32]``), the scales and the biases
+        (``w.dtype``, ``[..., K / group_size]``).
+    """
+    op = "quantize"
+    group_size, bits = _format(op, group_size, bits, mode, global_scale)
+    check.array(op, "w", w)
+    check.dtype(op, "w", w, check.FLOAT_DTYPES)
+    check.ndim(op, "w", w, at_least=2)
+    check.last_axis_multiple(
+        op, "w", w, group_size, f"groups of group_size={group_size}"
+    )
+    return dispatch(
+        _quantize_reference, _quantize_kernel, w, group_size, bits, stream=stream
+    )
+
+
+# ---- dequantize --------------------------------------------------------------
+
+
+def _dequantize_reference(w, scales, biases, group_size, bits, dtype):
+    # mx.dequantize's arithmetic: the code times the scale, rounded to the
+    # scales' dtype, plus the bias; then the cast to the requested dtype.
+    codes = _unpack(w, bits).reshape(*scales.shape, group_size)
+    values = codes.astype(scales.dtype) * scales[..., None] + biases[..., None]
+    return values.reshape(*w.shape[:-1], -1).astype(dtype)
+
+
+def _dequantize_kernel(w, scales, biases, group_size, bits, dtype, *, stream):
+    with mx.stream(stream):
+        return _dequantize_reference(w, scales, biases, group_size, bits, dtype)
+
+
+def dequantize(
+    w: mx.array,
+    scales: mx.array,
+    biases: Optional[mx.array] = None,
+    group_size: Optional[int] = None,
+    bits: Optional[int] = None,
+    mode: str = "affine",
+    global_scale: Optional[mx.array] = None,
+    dtype: Optional[mx.Dtype] = None,
+    *,
+    stream: StreamLike = None,
+) -> mx.array:
+    """Expand MLX affine codes back to values, bit-identical to
+    ``mx.dequantize``: ``q * scale + bias`` in the scales' dtype.
+
+    Args:
+        w (mlx.core.array): packed codes, uint32 ``[..., P]``.
+        scales (mlx.core.array): ``[..., P * 32 / bits / group_size]``.
+        biases (mlx.core.array): same shape as ``scales`` (required).
+        group_size (int, optional): 32, 64 or 128. Default: 64.
+        bits (int, optional): 1, 2, 3, 4, 5, 6 or 8. Default: 4.
+        mode (str): only ``"affine"``.
+        global_scale: only ``None``.
+        dtype (mlx.core.Dtype, optional): output dtype. Default: the
+            promotion of the scales' and biases' dtypes.
+        stream (mlx.core.Stream or Device, optional): where to run.
+
+    Returns:
+        mlx.core.array: ``[..., P * 32 / bits]`` values.
+    """
+    op = "dequantize"
+    group_size, bits = _format(op, group_size, bits, mode, global_scale)
+    _check_packed(op, w, scales, biases, group_size, bits)
+    natural = _result_dtype(scales.dtype, biases.dtype)
+    dtype = natural if dtype is None else check.float_dtype(op, "dtype", dtype)
+    return dispatch(
+        _dequantize_reference,
+        _dequantize_kernel,
+        w,
+        scales,
+        biases,
+        group_size,
+        bits,
+        dtype,
+        stream=stream,
+    )
+
+
+# ---- shared by the matmuls ----------------------------------------------------
+
+
+def _dense_weight(w, scales, biases, group_size, bits):
+    """The float32 weight that ``w`` stands for, shape ``[..., rows, K]``."""
+    codes = _unpack(w, bits).reshape(*scales.shape, group_size)
+    values = codes.astype(mx.float32) * scales.astype(mx.float32)[..., None]
+    values = values + biases.astype(mx.float32)[..., None]
+    return values.reshape(*w.shape[:-1], -1)
+
+
+def _reduce_to(g: mx.array, shape) -> mx.array:
+    """Sum ``g`` over the axes along which ``shape`` was broadcast to it."""
+    shape = tuple(shape)
+    extra = g.ndim - len(shape)
+    if extra:
+        g = g.sum(axis=tuple(range(extra)))
+    axes = tuple(i for i, d in enumerate(shape) if d == 1 and g.shape[i] != 1)
+    if axes:
+        g = g.sum(axis=axes, keepdims=True)
+    return g
+
+
+def _scale_bias_grads(d_dense, w, scales, biases, group_size, bits):
+    """Gradients of scales and biases from the gradient of the dense weight
+    (``[..., rows, K]``, the layout of ``w``): per group, the sum of the
+    weight gradient times the code, and the plain sum."""
+    d_groups = d_dense.reshape(*scales.shape, group_size)
+    codes = _unpack(w, bits).reshape(*scales.shape, group_size)
+    d_scales = (d_groups * codes.astype(d_groups.dtype)).sum(-1)
+    d_biases = d_groups.sum(-1)
+    return d_scales.astype(scales.dtype), d_biases.astype(biases.dtype)
+
+
+def _first(cotangents):
+    return cotangents[0] if isinstance(cotangents, (list, tuple)) else cotangents
+
+
+# ---- quantized_matmul --------------------------------------------------------
+
+
+def _quantized_matmul_reference(x, w, scales, biases, transpose, group_size, bits):
+    dense = _dense_weight(w, scales, biases, group_size, bits)
+    if transpose:
+        dense = dense.swapaxes(-1, -2)
+    return (x.astype(mx.float32) @ dense).astype(x.dtype)
+
+
+def _quantized_matmul_kernel(
+    x, w, scales, biases, transpose, group_size, bits, *, stream
+):
+    with mx.stream(stream):
+        return _quantized_matmul_reference(
+            x, w, scales, biases, transpose, group_size, bits
+        )
+
+
+def _quantized_matmul_any(x, w, scales, biases, transpose, group_size, bits, stream):
+    return dispatch(
+        _quantized_matmul_reference,
+        _quantized_matmul_kernel,
+        x,
+        w,
+        scales,
+        biases,
+        transpose,
+        group_size,
+        bits,
+        stream=stream,
+    )
+
+
+def _differentiable_quantized_matmul(transpose, group_size, bits, stream):
+    """``quantized_matmul`` on fixed options as an ``mx.custom_function``
+    of ``(x, w, scales, biases)``."""
+
+    @mx.custom_function
+    def qmm(x, w, scales, biases):
+        return _quantized_matmul_any(
+            x, w, scales, biases, transpose, group_size, bits, stream
+        )
+
+    @qmm.vjp
+    def qmm_vjp(primals, cotangents, outputs):
+        x, w, scales, biases = primals
+        cot = _first(cotangents)
+        d_x = _quantized_matmul_any(
+            cot, w, scales, biases, not transpose, group_size, bits, stream
+        )
+        d_x = _reduce_to(d_x, x.shape).astype(x.dtype)
+        # The dense weight's gradient, in w's layout, summed over the batch
+        # entries that shared a weight.
+        x32, cot32 = x.astype(mx.float32), cot.astype(mx.float32)
+        if transpose:
+            d_dense = cot32.swapaxes(-1, -2) @ x32
+        else:
+            d_dense = x32.swapaxes(-1, -2) @ cot32
+        d_dense = _reduce_to(d_dense, (*w.shape[:-1], d_dense.shape[-1]))
+        d_scales, d_biases = _scale_bias_grads(
+            d_dense, w, scales, biases, group_size, bits
+        )
+        return d_x, mx.zeros_like(w), d_scales, d_biases
+
+    return qmm
+
+
+def quantized_matmul(
+    x: mx.array,
+    w: mx.array,
+    scales: mx.array,
+    biases: Optional[mx.array] = None,
+    transpose: bool = True,
+    group_size: Optional[int] = None,
+    bits: Optional[int] = None,
+    mode: str = "affine",
+    *,
+    stream: StreamLike = None,
+) -> mx.array:
+    """``x @ W.T`` (or ``x @ W`` with ``transpose=False``) for an MLX affine
+    quantized ``W``, as ``mx.quantized_matmul``. Differentiable with
+    respect to ``x``, ``scales`` and ``biases``.
+
+    Args:
+        x (mlx.core.array): float32, float16 or bfloat16, ``[..., M, K]``
+            (or ``[K]``).
+        w (mlx.core.array): packed codes, uint32 ``[..., N, K * bits / 32]``
+            (``[..., K, N * bits / 32]`` with ``transpose=False``).
+        scales (mlx.core.array): per-group scales, ``w``'s shape with the
+            last axis counting groups.
+        biases (mlx.core.array): per-group biases, same shape (required).
+        transpose (bool): multiply by ``W.T`` (True) or by ``W``.
+        group_size (int, optional): 32, 64 or 128. Default: 64.
+        bits (int, optional): 1, 2, 3, 4, 5, 6 or 8. Default: 4.
+        mode (str): only ``"affine"``.
+        stream (mlx.core.Stream or Device, optional): where to run.
+
+    Returns:
+        mlx.core.array: ``[..., M, N]``, leading dimensions of ``x`` and
+        ``w`` broadcast together; dtype the promotion of ``x``'s, the
+        scales' and the biases' dtypes.
+    """
+    op = "quantized_matmul"
+    group_size, bits = _format(op, group_size, bits, mode)
+    _, _, dtype = _check_matmul(op, x, w, scales, biases, transpose, group_size, bits)
+    return _quantized_matmul_checked(
+        op, x, w, scales, biases, transpose, group_size, bits, dtype, stream
+    )
+
+
+def _quantized_matmul_checked(
+    op, x, w, scales, biases, transpose, group_size, bits, dtype, stream
+):
+    vector = x.ndim == 1
+    if vector:
+        x = x[None]
+    check.broadcast_shapes(op, "x and w batch dimensions", x.shape[:-2], w.shape[:-2])
+    fn = _differentiable_quantized_matmul(transpose, group_size, bits, stream)
+    out = fn(x.astype(dtype), w, scales.astype(dtype), biases.astype(dtype))
+    return out.squeeze(-2) if vector else out
+
+
+# ---- gather_qmm ----------------------------------------------------------------
+
+
+def _gather_qmm_reference(
+    x, w, scales, biases, lhs_indices, rhs_indices, transpose, group_size, bits
+):
+    # Few products: unpack only the weights they use; many: unpack every
+    # weight once and let mx.gather_mm pick.
+    experts = 1
+    for d in w.shape[:-2]:
+        experts *= d
+    x32 = x.astype(mx.float32)
+    if rhs_indices.size < experts:
+        flat = rhs_indices.reshape(-1)
+        w_sel = w.reshape(-1, *w.shape[-2:])[flat]
+        s_sel = scales.reshape(-1, *scales.shape[-2:])[flat]
+        b_sel = biases.reshape(-1, *biases.shape[-2:])[flat]
+        dense = _dense_weight(w_sel, s_sel, b_sel, group_size, bits)
+        dense = dense.reshape(*rhs_indices.shape, *dense.shape[-2:])
+        if transpose:
+            dense = dense.swapaxes(-1, -2)
+        x_sel = x32.reshape(-1, *x.shape[-2:])[lhs_indices]
+        out = x_sel @ dense
+    else:
+        dense = _dense_weight(w, scales, biases, group_size, bits)
+        if transpose:
+            dense = dense.swapaxes(-1, -2)
+        out = mx.gather_mm(x32, dense, lhs_indices, rhs_indices)
+    return out.astype(x.dtype)
+
+
+def _gather_qmm_kernel(
+    x,
+    w,
+    scales,
+    biases,
+    lhs_indices,
+    rhs_indices,
+    transpose,
+    group_size,
+    bits,
+    sorted_indices,
+    *,
+    stream,
+):
+    with mx.stream(stream):
+        return _gather_qmm_reference(
+            x, w, scales, biases, lhs_indices, rhs_indices, transpose, group_size, bits
+        )
+
+
+def _gather_qmm_any(
+    x, w, scales, biases, lhs, rhs, transpose, group_size, bits, sorted_indices, stream
+):
+    def reference(x, w, scales, biases, lhs, rhs, sorted_indices):
+        return _gather_qmm_reference(
+            x, w, scales, biases, lhs, rhs, transpose, group_size, bits
+        )
+
+    def kernel(x, w, scales, biases, lhs, rhs, sorted_indices, *, stream):
+        return _gather_qmm_kernel(
+            x,
+            w,
+            scales,
+            biases,
+            lhs,
+            rhs,
+            transpose,
+            group_size,
+            bits,
+            sorted_indices,
+            stream=stream,
+        )
+
+    return dispatch(
+        reference, kernel, x, w, scales, biases, lhs, rhs, sorted_indices, stream=stream
+    )
+
+
+def _differentiable_gather_qmm(transpose, group_size, bits, sorted_indices, stream):
+    """``gather_qmm`` on fixed options as an ``mx.custom_function`` of
+    ``(x, w, scales, biases, lhs_indices, rhs_indices)``, the indices
+    already broadcast together."""
+
+    @mx.custom_function
+    def gqmm(x, w, scales, biases, lhs, rhs):
+        return _gather_qmm_any(
+            x,
+            w,
+            scales,
+            biases,
+            lhs,
+            rhs,
+            transpose,
+            group_size,
+            bits,
+            sorted_indices,
+            stream,
+        )
+
+    @gqmm.vjp
+    def gqmm_vjp(primals, cotangents, outputs):
+        x, w, scales, biases, lhs, rhs = primals
+        cot = _first(cotangents)
+        m, k = x.shape[-2:]
+        # d x[lhs[i]] += cot[i] @ W[rhs[i]] (the product the other way round)
+        d_sel = _gather_qmm_any(
+            cot,
+            w,
+            scales,
+            biases,
+            mx.arange(rhs.size, dtype=mx.uint32).reshape(rhs.shape),
+            rhs,
+            not transpose,
+            group_size,
+            bits,
+            False,
+            stream,
+        )
+        flat_lhs = lhs.reshape(-1)
+        d_x = mx.zeros((x.size // (m * k), m, k), dtype=mx.float32)
+        d_x = d_x.at[flat_lhs].add(d_sel.reshape(-1, m, k).astype(mx.float32))
+        d_x = d_x.reshape(x.shape).astype(x.dtype)
+        # d W[rhs[i]] += the dense gradient of product i
+        x_sel = x.astype(mx.float32).reshape(-1, m, k)[flat_lhs]
+        cot32 = cot.astype(mx.float32).reshape(-1, *cot.shape[-2:])
+        if transpose:
+            d_each = cot32.swapaxes(-1, -2) @ x_sel
+        else:
+            d_each = x_sel.swapaxes(-1, -2) @ cot32
+        experts = w.size // (w.shape[-1] * w.shape[-2])
+        d_dense = mx.zeros((experts, *d_each.shape[-2:]), dtype=mx.float32)
+        d_dense = d_dense.at[rhs.reshape(-1)].add(d_each)
+        d_dense = d_dense.reshape(*w.shape[:-1], -1)
+        d_scales, d_biases = _scale_bias_grads(
+            d_dense, w, scales, biases, group_size, bits
+        )
+        return (
+            d_x,
+            mx.zeros_like(w),
+            d_scales,
+            d_biases,
+            mx.zeros_like(lhs),
+            mx.zeros_like(rhs),
+        )
+
+    return gqmm
+
+
+def gather_qmm(
+    x: mx.array,
+    w: mx.array,
+    scales: mx.array,
+    biases: Optional[mx.array] = None,
+    lhs_indices: Optional[mx.array] = None,
+    rhs_indices: Optional[mx.array] = None,
+    transpose: bool = True,
+    group_size: Optional[int] = None,
+    bits: Optional[int] = None,
+    mode: str = "affine",
+    global_scale: Optional[mx.array] = None,
+    *,
+    sorted_indices: bool = False,
+    stream: StreamLike = None,
+) -> mx.array:
+    """Quantized matmul with matrix-level gather, as ``mx.gather_qmm``:
+    ``out[i] = x[lhs_indices[i]] @ W[rhs_indices[i]].T`` (MoE experts).
+    Differentiable with respect to ``x``, ``scales`` and ``biases``.
+
+    Args:
+        x (mlx.core.array): float32, float16 or bfloat16, ``[..., M, K]``.
+        w (mlx.core.array): packed codes, uint32 ``[..., N, K * bits / 32]``
+            (``[..., K, N * bits / 32]`` with ``transpose=False``).
+        scales (mlx.core.array): per-group scales, ``w``'s batch shape.
+        biases (mlx.core.array): per-group biases, same shape (required).
+        lhs_indices (mlx.core.array, optional): integer indices into the
+            flattened batch dimensions of ``x``. Default: all, in order.
+        rhs_indices (mlx.core.array, optional): integer indices into the
+            flattened batch dimensions of ``w``. Default: all, in order.
+        transpose (bool): multiply by ``W.T`` (True) or by ``W``.
+        group_size (int, optional): 32, 64 or 128. Default: 64.
+        bits (int, optional): 1, 2, 3, 4, 5, 6 or 8. Default: 4.
+        mode (str): only ``"affine"``.
+        global_scale: only ``None``.
+        sorted_indices (bool): promise that ``rhs_indices`` is sorted
+            (lets the kernels group rows by expert). Default: False.
+        stream (mlx.core.Stream or Device, optional): where to run.
+
+    Returns:
+        mlx.core.array: ``[*broadcast(lhs_indices, rhs_indices).shape, M, N]``.
+    """
+    op = "gather_qmm"
+    group_size, bits = _format(op, group_size, bits, mode, global_scale)
+    check.boolean(op, "sorted_indices", sorted_indices)
+    _, _, dtype = _check_matmul(op, x, w, scales, biases, transpose, group_size, bits)
+    if lhs_indices is None and rhs_indices is None:
+        # MLX's rule: without indices this is a plain quantized_matmul.
+        return _quantized_matmul_checked(
+            op, x, w, scales, biases, transpose, group_size, bits, dtype, stream
+        )
+    check.ndim(op, "x", x, at_least=2)
+    lhs = _check_indices(
+        op, "lhs_indices", lhs_indices, x.shape[:-2], "batch entries of x"
+    )
+    rhs = _check_indices(
+        op, "rhs_indices", rhs_indices, w.shape[:-2], "batch entries of w"
+    )
+    shape = check.broadcast_shapes(
+        op, "lhs_indices and rhs_indices", lhs.shape, rhs.shape
+    )
+    lhs, rhs = mx.broadcast_to(lhs, shape), mx.broadcast_to(rhs, shape)
+    fn = _differentiable_gather_qmm(transpose, group_size, bits, sorted_indices, stream)
+    return fn(x.astype(dtype), w, scales.astype(dtype), biases.astype(dtype), lhs, rhs)

@@ -1,0 +1,577 @@
+"""MLX affine ops (quantize, dequantize, quantized_matmul, gather_qmm) on
+every path.
+
+Oracles: MLX's own built-ins run on the CPU (``mx.quantize``,
+``mx.dequantize``, ``mx.quantized_matmul``, ``mx.gather_qmm``), float64
+numpy products of the dequantized weight, central finite differences and
+``mx.grad`` of the built-ins. The ``path`` fixture (conftest.py) runs each
+test on the reference path and, where a GPU backend exists, on the kernels
+(with outputs poisoned with NaN first).
+"""
+
+import itertools
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from distributions import sample
+
+import mlx_quant_ops as mqo
+
+DTYPES = {"f32": mx.float32, "f16": mx.float16, "bf16": mx.bfloat16}
+BITS = (1, 2, 3, 4, 5, 6, 8)
+GROUP_SIZES = (32, 64, 128)
+# DESIGN.md: relative error against a float64 product.
+TOLERANCE = {mx.float32: 1e-5, mx.float16: 5e-3, mx.bfloat16: 5e-3}
+KINDS = ("normal", "outliers", "zero_blocks", "constant_blocks", "uniform_positive")
+CPU = mx.cpu
+
+
+def _np(a: mx.array) -> np.ndarray:
+    if a.dtype == mx.bfloat16:
+        a = a.astype(mx.float32)
+    return np.array(a)
+
+
+def _bits(a: mx.array) -> np.ndarray:
+    a = np.array(a.view(mx.uint16) if a.dtype == mx.bfloat16 else a)
+    return a.view({1: np.uint8, 2: np.uint16, 4: np.uint32}[a.dtype.itemsize])
+
+
+def assert_identical(ours: mx.array, expected: mx.array, what: str):
+    assert ours.dtype == expected.dtype, f"{what}: {ours.dtype} != {expected.dtype}"
+    assert ours.shape == expected.shape, f"{what}: {ours.shape} != {expected.shape}"
+    mismatch = _bits(ours) != _bits(expected)
+    if mismatch.any():
+        first = tuple(np.argwhere(mismatch)[0])
+        pytest.fail(
+            f"{what}: {mismatch.sum()} of {mismatch.size} differ, first at {first}: "
+            f"ours {_np(ours)[first]!r}, expected {_np(expected)[first]!r}"
+        )
+
+
+def rel_error(ours, expected) -> float:
+    ours = np.asarray(ours, dtype=np.float64)
+    expected = np.asarray(expected, dtype=np.float64)
+    assert ours.shape == expected.shape, f"{ours.shape} != {expected.shape}"
+    assert np.isfinite(ours).all(), "non-finite output (unwritten element?)"
+    return float(np.linalg.norm(ours - expected) / np.linalg.norm(expected))
+
+
+def _weights(shape, dtype, group_size, bits, kind="normal", seed=0):
+    """A quantized weight of ``shape`` (last axis unpacked), made by MLX's
+    own quantizer on the CPU."""
+    rows = int(np.prod(shape[:-1]))
+    w = sample(kind, rows, shape[-1], group_size, seed).reshape(shape)
+    return mx.quantize(mx.array(w).astype(dtype), group_size, bits, stream=CPU)
+
+
+def _dense64(w_q, scales, biases, group_size, bits) -> np.ndarray:
+    """The weight as float64: the codes (dequantized with unit scales by MLX)
+    times the stored scales plus the stored biases."""
+    codes = mx.dequantize(
+        w_q,
+        mx.ones(scales.shape, mx.float32),
+        mx.zeros(scales.shape, mx.float32),
+        group_size,
+        bits,
+        stream=CPU,
+    )
+    codes = np.array(codes, dtype=np.float64)
+    shape = codes.shape
+    groups = codes.reshape(*scales.shape, group_size)
+    dense = groups * _np(scales)[..., None].astype(np.float64)
+    return (dense + _np(biases)[..., None].astype(np.float64)).reshape(shape)
+
+
+def _x(shape, dtype, seed=1):
+    return mx.array(np.random.default_rng(seed).standard_normal(shape)).astype(dtype)
+
+
+# ---- quantize / dequantize -------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("group_size", GROUP_SIZES)
+def test_quantize_dequantize_bit_identical(path, dtype, bits, group_size):
+    for seed, kind in enumerate(KINDS):
+        w_np = sample(kind, 6, 2 * group_size, group_size, seed)
+        if kind == "normal":
+            w_np = w_np * 3 + 1  # groups of mixed sign with an offset
+        w = mx.array(w_np.reshape(2, 3, -1)).astype(dtype)
+        expected = mx.quantize(w, group_size, bits, stream=CPU)
+        ours = mqo.quantize(w, group_size, bits)
+        for name, a, b in zip(("codes", "scales", "biases"), ours, expected):
+            assert_identical(a, b, f"quantize {kind} {name}")
+        assert_identical(
+            mqo.dequantize(*expected, group_size, bits),
+            mx.dequantize(*expected, group_size, bits, stream=CPU),
+            f"dequantize {kind}",
+        )
+    other = mx.float32 if dtype != mx.float32 else mx.bfloat16
+    assert_identical(
+        mqo.dequantize(*expected, group_size, bits, dtype=other),
+        mx.dequantize(*expected, group_size, bits, dtype=other, stream=CPU),
+        "dequantize to another dtype",
+    )
+
+
+def test_quantize_defaults_are_mlx_defaults(path):
+    w = _x((4, 128), mx.float16)
+    for ours, theirs in zip(mqo.quantize(w), mx.quantize(w, stream=CPU)):
+        assert_identical(ours, theirs, "defaults")
+    q = mx.quantize(w, stream=CPU)
+    assert_identical(mqo.dequantize(*q), mx.dequantize(*q, stream=CPU), "defaults")
+
+
+def test_quantize_all_negative_and_sliced_inputs(path):
+    # All-negative groups and a non-contiguous input (a transposed view).
+    w = -mx.abs(_x((128, 64), mx.float32)).T - 0.5
+    for bits in (2, 3, 4, 8):
+        for ours, theirs in zip(
+            mqo.quantize(w, 64, bits), mx.quantize(w, 64, bits, stream=CPU)
+        ):
+            assert_identical(ours, theirs, f"bits={bits}")
+
+
+# ---- quantized_matmul --------------------------------------------------------
+
+
+def _check_matmul(x, w_q, scales, biases, transpose, group_size, bits, what):
+    out = mqo.quantized_matmul(x, w_q, scales, biases, transpose, group_size, bits)
+    expected = mx.quantized_matmul(
+        x, w_q, scales, biases, transpose, group_size, bits, stream=CPU
+    )
+    assert out.dtype == expected.dtype, what
+    assert out.shape == expected.shape, what
+    dense = _dense64(w_q, scales, biases, group_size, bits)
+    if transpose:
+        dense = np.swapaxes(dense, -1, -2)
+    exact = _np(x).astype(np.float64) @ dense
+    tol = TOLERANCE[out.dtype]
+    assert rel_error(_np(out), exact) <= tol, f"{what}: vs float64"
+    # MLX's own result carries its own rounding (bf16 sums on the CPU).
+    mx_error = rel_error(_np(expected), exact)
+    assert rel_error(_np(out), _np(expected)) <= tol + mx_error, f"{what}: vs mx"
+    return out
+
+
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("transpose", (True, False), ids=("wT", "w"))
+@pytest.mark.parametrize("m", (1, 3, 8, 17, 512))
+def test_quantized_matmul_shapes(path, dtype, transpose, m):
+    # N (outputs) is odd when it is not the quantized axis.
+    group_size, bits = 64, 4
+    n, k = (67, 128) if transpose else (128, 67)
+    shape = (n, k) if transpose else (k, n)
+    w_q, scales, biases = _weights(shape, dtype, group_size, bits, seed=m)
+    _check_matmul(
+        _x((m, k), dtype, seed=m), w_q, scales, biases, transpose, group_size, bits, m
+    )
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("group_size", GROUP_SIZES)
+def test_quantized_matmul_bits_and_groups(path, bits, group_size):
+    dtype = mx.float32
+    for m, transpose in ((1, True), (5, True), (3, False)):
+        k = 2 * group_size
+        n = 37 if transpose else 2 * group_size
+        k = k if transpose else 45
+        shape = (n, k) if transpose else (k, n)
+        kind = KINDS[(bits + m) % len(KINDS)]
+        w_q, scales, biases = _weights(shape, dtype, group_size, bits, kind, bits)
+        _check_matmul(
+            _x((m, k), dtype, seed=bits),
+            w_q,
+            scales,
+            biases,
+            transpose,
+            group_size,
+            bits,
+            f"m={m} transpose={transpose}",
+        )
+
+
+@pytest.mark.parametrize(
+    "x_shape, w_batch",
+    [
+        ((3, 5, 128), ()),  # batch of x folded over one weight
+        ((2, 1, 4, 128), (3,)),  # x and w batches broadcast together
+        ((3, 4, 128), (3,)),  # one weight per batch entry
+        ((1, 4, 128), (2, 3)),
+        ((128,), ()),  # a vector
+    ],
+)
+@pytest.mark.parametrize("dtype", (mx.float32, mx.float16), ids=("f32", "f16"))
+def test_quantized_matmul_batch_dims(path, x_shape, w_batch, dtype):
+    group_size, bits = 32, 4
+    w_q, scales, biases = _weights((*w_batch, 19, 128), dtype, group_size, bits)
+    x = _x(x_shape, dtype)
+    out = mqo.quantized_matmul(x, w_q, scales, biases, True, group_size, bits)
+    dense = np.swapaxes(_dense64(w_q, scales, biases, group_size, bits), -1, -2)
+    exact = _np(x).astype(np.float64) @ dense
+    assert out.shape == exact.shape
+    assert rel_error(_np(out), exact) <= TOLERANCE[dtype]
+    if len(x_shape) > 2 and w_batch:
+        expected = mx.quantized_matmul(
+            x, w_q, scales, biases, True, group_size, bits, stream=CPU
+        )
+        assert out.shape == expected.shape
+        assert rel_error(_np(out), _np(expected)) <= 2 * TOLERANCE[dtype]
+
+
+def test_quantized_matmul_mixed_dtypes_promote_like_mlx(path):
+    w_q, scales, biases = _weights((40, 64), mx.float32, 64, 4)
+    x = _x((3, 64), mx.float16)
+    for s_dtype in (mx.float32, mx.bfloat16, mx.float16):
+        s, b = scales.astype(s_dtype), biases.astype(s_dtype)
+        out = mqo.quantized_matmul(x, w_q, s, b, group_size=64, bits=4)
+        expected = mx.quantized_matmul(x, w_q, s, b, group_size=64, bits=4, stream=CPU)
+        assert out.dtype == expected.dtype
+        assert rel_error(_np(out), _np(expected)) <= 1e-2
+
+
+# ---- gather_qmm ------------------------------------------------------------------
+
+
+def _check_gather(x, w_q, scales, biases, lhs, rhs, transpose, gs, bits, sort=False):
+    out = mqo.gather_qmm(
+        x, w_q, scales, biases, lhs, rhs, transpose, gs, bits, sorted_indices=sort
+    )
+    expected = mx.gather_qmm(
+        x,
+        w_q,
+        scales,
+        biases,
+        lhs,
+        rhs,
+        transpose,
+        gs,
+        bits,
+        sorted_indices=sort,
+        stream=CPU,
+    )
+    assert out.shape == expected.shape and out.dtype == expected.dtype
+    dense = _dense64(w_q, scales, biases, gs, bits)
+    dense = dense.reshape(-1, *dense.shape[-2:])
+    if transpose:
+        dense = np.swapaxes(dense, -1, -2)
+    xs = _np(x).astype(np.float64)
+    xs = xs.reshape(-1, *xs.shape[-2:])
+    li = np.arange(xs.shape[0]).reshape(x.shape[:-2]) if lhs is None else np.array(lhs)
+    ri = (
+        np.arange(dense.shape[0]).reshape(w_q.shape[:-2])
+        if rhs is None
+        else np.array(rhs)
+    )
+    li, ri = np.broadcast_arrays(li, ri)
+    exact = xs[li] @ dense[ri]
+    tol = TOLERANCE[out.dtype]
+    assert rel_error(_np(out), exact) <= tol, "vs float64"
+    mx_error = rel_error(_np(expected), exact)
+    assert rel_error(_np(out), _np(expected)) <= tol + mx_error, "vs mx.gather_qmm"
+
+
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("tokens", (1, 3, 17, 64))
+@pytest.mark.parametrize("transpose", (True, False), ids=("wT", "w"))
+def test_gather_qmm_moe(path, dtype, tokens, transpose):
+    # MoE layout (as mlx-lm's SwitchGLU): x [tokens, 1, 1, K], experts
+    # [E, N, K], rhs_indices [tokens, top_k].
+    experts, top_k, gs, bits = 6, 2, 32, 4
+    n, k = (45, 64) if transpose else (64, 45)
+    shape = (experts, n, k) if transpose else (experts, k, n)
+    w_q, scales, biases = _weights(shape, dtype, gs, bits, seed=tokens)
+    rng = np.random.default_rng(tokens)
+    rhs = np.argsort(rng.random((tokens, experts)), axis=-1)[:, :top_k]
+    x = _x((tokens, 1, 1, k), dtype, seed=tokens)
+    rhs = mx.array(rhs.astype(np.uint32))
+    _check_gather(x, w_q, scales, biases, None, rhs, transpose, gs, bits)
+
+
+@pytest.mark.parametrize("bits", (2, 3, 4, 6, 8))
+def test_gather_qmm_sorted_and_lhs(path, bits):
+    gs, dtype = 64, mx.float16
+    w_q, scales, biases = _weights((5, 33, 128), dtype, gs, bits, seed=bits)
+    # Sorted: rows grouped by expert, each row its own x entry.
+    rhs = mx.array(np.sort(np.random.default_rng(bits).integers(0, 5, 24)))
+    x = _x((24, 1, 128), dtype)
+    _check_gather(x, w_q, scales, biases, None, rhs, True, gs, bits, sort=True)
+    # Both index arrays, M > 1, broadcast against each other.
+    x = _x((4, 3, 128), dtype)
+    lhs = mx.array([[0], [3], [1]], dtype=mx.int32)
+    rhs = mx.array([4, 0], dtype=mx.int32)
+    _check_gather(x, w_q, scales, biases, lhs, rhs, True, gs, bits)
+    # Only lhs_indices.
+    w1 = [a[:1] for a in (w_q, scales, biases)]
+    _check_gather(x, *w1, mx.array([2, 2, 0]), None, True, gs, bits)
+
+
+def test_gather_qmm_without_indices_is_quantized_matmul(path):
+    w_q, scales, biases = _weights((3, 20, 64), mx.float32, 64, 4)
+    x = _x((3, 2, 64), mx.float32)
+    out = mqo.gather_qmm(x, w_q, scales, biases, group_size=64, bits=4)
+    expected = mqo.quantized_matmul(x, w_q, scales, biases, group_size=64, bits=4)
+    assert rel_error(_np(out), _np(expected)) <= 1e-6
+
+
+# ---- gradients -----------------------------------------------------------------
+
+
+def _finite_difference(f, a: mx.array, index, eps=1e-2):
+    plus = a.at[index].add(eps)
+    minus = a.at[index].add(-eps)
+    return (f(plus) - f(minus)).item() / (2 * eps)
+
+
+@pytest.mark.parametrize("transpose", (True, False), ids=("wT", "w"))
+@pytest.mark.parametrize("bits", (3, 4))
+def test_quantized_matmul_gradients(path, transpose, bits):
+    gs = 32
+    shape = (2, 24, 64) if transpose else (2, 64, 32)
+    w_q, scales, biases = _weights(shape, mx.float32, gs, bits, seed=bits)
+    k = 64 if transpose else 64
+    x = _x((2, 3, k), mx.float32)
+    cot = _x((2, 3, shape[1] if transpose else 32), mx.float32, seed=9)
+
+    def loss(fn):
+        return lambda x, s, b: (
+            fn(x, w_q, s, b, transpose, gs, bits).astype(mx.float32) * cot
+        ).sum()
+
+    argnums = (0, 1, 2)
+    ours = mx.grad(loss(mqo.quantized_matmul), argnums)(x, scales, biases)
+    with mx.stream(CPU):
+        theirs = mx.grad(loss(mx.quantized_matmul), argnums)(x, scales, biases)
+    for name, a, b in zip(("x", "scales", "biases"), ours, theirs):
+        assert a.shape == b.shape and a.dtype == b.dtype, name
+        assert rel_error(_np(a), _np(b)) <= 1e-5, f"d{name} vs mx.grad"
+    # Central differences on a few entries of each argument.
+    args = [x, scales, biases]
+    for i, (grad, index) in enumerate(zip(ours, [(1, 2, 5), (0, 3, 0), (1, 7, 0)])):
+
+        def f(value, i=i):
+            trial = list(args)
+            trial[i] = value
+            return loss(mqo.quantized_matmul)(*trial)
+
+        fd = _finite_difference(f, args[i], index)
+        assert abs(grad[index].item() - fd) <= 2e-3 * max(1.0, abs(fd)), f"arg {i}"
+
+
+@pytest.mark.parametrize("dtype", (mx.float32, mx.bfloat16), ids=("f32", "bf16"))
+def test_quantized_matmul_gradient_with_broadcast_batch(path, dtype):
+    w_q, scales, biases = _weights((3, 16, 64), dtype, 64, 4)
+    x = _x((2, 1, 5, 64), dtype)
+
+    def loss(fn):
+        return lambda x, s, b: fn(x, w_q, s, b, True, 64, 4).astype(mx.float32).sum()
+
+    ours = mx.grad(loss(mqo.quantized_matmul), (0, 1, 2))(x, scales, biases)
+    with mx.stream(CPU):
+        theirs = mx.grad(loss(mx.quantized_matmul), (0, 1, 2))(x, scales, biases)
+    for a, b in zip(ours, theirs):
+        assert a.shape == b.shape and a.dtype == b.dtype
+        assert rel_error(_np(a), _np(b)) <= TOLERANCE[dtype] * 2
+
+
+def _gather_dense_oracle(w_q, gs, bits, lhs, rhs, transpose):
+    """gather_qmm written with MLX built-ins that mx.grad differentiates in
+    x, scales and biases: constant codes (mx.dequantize with unit scales)
+    times scales plus biases, then mx.gather_mm. (mx.gather_qmm's own VJP
+    fails for transpose=False in MLX 0.32.4.)"""
+    codes = mx.dequantize(
+        w_q,
+        mx.ones((*w_q.shape[:-1], w_q.shape[-1] * 32 // bits // gs)),
+        mx.zeros((*w_q.shape[:-1], w_q.shape[-1] * 32 // bits // gs)),
+        gs,
+        bits,
+        stream=CPU,
+    )
+    codes = codes.reshape(*codes.shape[:-1], -1, gs)
+
+    def fn(x, s, b):
+        dense = (codes * s[..., None] + b[..., None]).reshape(*w_q.shape[:-1], -1)
+        if transpose:
+            dense = dense.swapaxes(-1, -2)
+        return mx.gather_mm(x, dense, lhs, rhs)
+
+    return fn
+
+
+@pytest.mark.parametrize("transpose", (True, False), ids=("wT", "w"))
+def test_gather_qmm_gradients(path, transpose):
+    gs, bits = 32, 4
+    shape = (4, 24, 64) if transpose else (4, 64, 32)
+    w_q, scales, biases = _weights(shape, mx.float32, gs, bits)
+    x = _x((5, 2, 64), mx.float32)
+    lhs = mx.array([0, 4, 4, 2, 1, 0], dtype=mx.uint32)
+    rhs = mx.array([3, 3, 0, 1, 3, 2], dtype=mx.uint32)
+    out_n = shape[1] if transpose else 32
+    cot = _x((6, 2, out_n), mx.float32, seed=4)
+
+    def loss(fn):
+        return lambda x, s, b: (fn(x, s, b) * cot).sum()
+
+    def ours_fn(x, s, b):
+        return mqo.gather_qmm(x, w_q, s, b, lhs, rhs, transpose, gs, bits)
+
+    oracles = [_gather_dense_oracle(w_q, gs, bits, lhs, rhs, transpose)]
+    if transpose:
+        oracles.append(
+            lambda x, s, b: mx.gather_qmm(x, w_q, s, b, lhs, rhs, True, gs, bits)
+        )
+    ours = mx.grad(loss(ours_fn), (0, 1, 2))(x, scales, biases)
+    for oracle in oracles:
+        with mx.stream(CPU):
+            theirs = mx.grad(loss(oracle), (0, 1, 2))(x, scales, biases)
+        for name, a, b in zip(("x", "scales", "biases"), ours, theirs):
+            assert a.shape == b.shape, name
+            assert rel_error(_np(a), _np(b)) <= 1e-5, f"d{name} vs mx.grad"
+    for i, index in enumerate([(4, 1, 3), (3, 5, 0), (0, 2, 0)]):
+        args = [x, scales, biases]
+
+        def f(value, i=i):
+            trial = list(args)
+            trial[i] = value
+            return loss(ours_fn)(*trial)
+
+        fd = _finite_difference(f, args[i], index)
+        assert abs(ours[i][index].item() - fd) <= 2e-3 * max(1.0, abs(fd)), f"arg {i}"
+
+
+# ---- errors ------------------------------------------------------------------------
+
+
+def _packed(shape=(8, 64), bits=4, gs=64, dtype=mx.float16):
+    return mx.quantize(mx.zeros(shape, dtype), gs, bits, stream=CPU)
+
+
+def _raises(exc, op, arg, fn):
+    with pytest.raises(exc) as info:
+        fn()
+    message = str(info.value)
+    assert message.startswith(f"[mlx_quant_ops.{op}] {arg}: expected"), message
+    assert ", got " in message, message
+    return message
+
+
+def test_errors_quantize():
+    w = mx.zeros((4, 64))
+    _raises(TypeError, "quantize", "w", lambda: mqo.quantize(np.zeros((4, 64))))
+    _raises(TypeError, "quantize", "w", lambda: mqo.quantize(w.astype(mx.int32)))
+    _raises(ValueError, "quantize", "w", lambda: mqo.quantize(mx.zeros((64,))))
+    msg = _raises(ValueError, "quantize", "w", lambda: mqo.quantize(w[:, :48], 32 * 2))
+    assert "(4, 48)" in msg
+    msg = _raises(ValueError, "quantize", "bits", lambda: mqo.quantize(w, 64, 7))
+    assert "got 7" in msg
+    _raises(ValueError, "quantize", "bits", lambda: mqo.quantize(w, 64, True))
+    _raises(ValueError, "quantize", "group_size", lambda: mqo.quantize(w, 16, 4))
+    msg = _raises(ValueError, "quantize", "mode", lambda: mqo.quantize(w, mode="mxfp4"))
+    assert "'mxfp4'" in msg
+    _raises(
+        ValueError,
+        "quantize",
+        "global_scale",
+        lambda: mqo.quantize(w, global_scale=mx.array(1.0)),
+    )
+
+
+def test_errors_dequantize():
+    w_q, s, b = _packed()
+    op = "dequantize"
+    _raises(ValueError, op, "biases", lambda: mqo.dequantize(w_q, s))
+    _raises(TypeError, op, "w", lambda: mqo.dequantize(w_q.astype(mx.int32), s, b))
+    _raises(TypeError, op, "scales", lambda: mqo.dequantize(w_q, s.astype(mx.int32), b))
+    _raises(TypeError, op, "biases", lambda: mqo.dequantize(w_q, s, b.astype(mx.uint8)))
+    _raises(ValueError, op, "w", lambda: mqo.dequantize(w_q[0], s[0], b[0]))
+    msg = _raises(ValueError, op, "scales", lambda: mqo.dequantize(w_q, s[:4], b))
+    assert "(8, 1)" in msg and "(4, 1)" in msg
+    _raises(ValueError, op, "scales", lambda: mqo.dequantize(w_q, s, b, 32))
+    _raises(ValueError, op, "biases", lambda: mqo.dequantize(w_q, s, b[:, :0]))
+    # 3-bit words must come in threes (whole groups of 32 values).
+    _raises(ValueError, op, "w", lambda: mqo.dequantize(w_q, s, b, 32, 3))
+    _raises(TypeError, op, "dtype", lambda: mqo.dequantize(w_q, s, b, dtype=mx.int8))
+    _raises(ValueError, op, "mode", lambda: mqo.dequantize(w_q, s, None, mode="nvfp4"))
+
+
+def test_errors_quantized_matmul():
+    w_q, s, b = _packed((8, 64))
+    x = mx.zeros((2, 64), mx.float16)
+    op = "quantized_matmul"
+    qmm = mqo.quantized_matmul
+    _raises(ValueError, op, "biases", lambda: qmm(x, w_q, s))
+    _raises(TypeError, op, "x", lambda: qmm(x.astype(mx.int32), w_q, s, b))
+    _raises(TypeError, op, "x", lambda: qmm([1.0], w_q, s, b))
+    msg = _raises(ValueError, op, "x", lambda: qmm(x[:, :32], w_q, s, b))
+    assert "64" in msg and "(2, 32)" in msg
+    _raises(ValueError, op, "x", lambda: qmm(x, w_q, s, b, transpose=False))
+    _raises(TypeError, op, "transpose", lambda: qmm(x, w_q, s, b, transpose=1))
+    _raises(ValueError, op, "bits", lambda: qmm(x, w_q, s, b, bits=7))
+    _raises(ValueError, op, "scales", lambda: qmm(x, w_q, s, b, group_size=32))
+    _raises(ValueError, op, "mode", lambda: qmm(x, w_q, s, b, mode="mxfp8"))
+    w3, s3, b3 = _packed((3, 8, 64))
+    _raises(
+        ValueError,
+        op,
+        "x and w batch dimensions",
+        lambda: qmm(mx.zeros((2, 4, 64)), w3, s3, b3),
+    )
+    _raises(ValueError, op, "scales", lambda: qmm(x, w3, s3[:, :4], b3))
+
+
+def test_errors_gather_qmm():
+    w_q, s, b = _packed((4, 8, 64))
+    x = mx.zeros((3, 1, 64), mx.float16)
+    op = "gather_qmm"
+
+    def g(*args, **kw):
+        return lambda: mqo.gather_qmm(x, w_q, s, b, *args, **kw)
+
+    msg = _raises(ValueError, op, "rhs_indices", g(None, mx.array([0, 4])))
+    assert "[0, 4)" in msg and "[0, 4]" in msg
+    _raises(ValueError, op, "rhs_indices", g(None, mx.array([-1, 2])))
+    _raises(ValueError, op, "lhs_indices", g(mx.array([3]), mx.array([0])))
+    _raises(TypeError, op, "rhs_indices", g(None, mx.array([0.0])))
+    _raises(TypeError, op, "lhs_indices", g([0], mx.array([0])))
+    _raises(
+        ValueError,
+        op,
+        "lhs_indices and rhs_indices",
+        g(mx.array([0, 1, 2]), mx.array([0, 1])),
+    )
+    _raises(TypeError, op, "sorted_indices", g(None, mx.array([0]), sorted_indices=1))
+    _raises(
+        ValueError,
+        op,
+        "x",
+        lambda: mqo.gather_qmm(mx.zeros((64,)), w_q, s, b, None, mx.array([0])),
+    )
+    _raises(ValueError, op, "biases", lambda: mqo.gather_qmm(x, w_q, s, None))
+    _raises(
+        ValueError,
+        op,
+        "global_scale",
+        g(None, mx.array([0]), global_scale=mx.array(1.0)),
+    )
+
+
+def test_errors_are_raised_before_any_work():
+    # Identical messages whatever path is selected.
+    w_q, s, b = _packed()
+    messages = []
+    for name in ("reference",):
+        with mqo.use_backend(name):
+            with pytest.raises(ValueError) as info:
+                mqo.quantized_matmul(mx.zeros((2, 32)), w_q, s, b)
+            messages.append(str(info.value))
+    assert len(set(messages)) == 1
+
+
+def test_all_combinations_listed():
+    # The sweeps above cover the full supported set.
+    assert set(BITS) == set(mqo.affine.AFFINE_BITS)
+    assert set(GROUP_SIZES) == set(mqo.affine.AFFINE_GROUP_SIZES)
+    assert len(list(itertools.product(BITS, GROUP_SIZES, DTYPES))) == 63
