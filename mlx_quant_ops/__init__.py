@@ -6,6 +6,7 @@ and a pure-``mx`` reference that serves the CPU and is the oracle. See
 ``DESIGN.md`` for the contract.
 """
 
+import importlib
 from pathlib import Path
 
 from . import affine, gguf
@@ -26,6 +27,14 @@ def default_model_path() -> Path:
     return Path(__file__).resolve().parent / "models" / DEFAULT_MODEL
 
 
+def __getattr__(name: str):
+    # ``mqo.nn`` is imported on first use: it imports mlx-lm (for the MoE
+    # layer it subclasses), which takes over a second and is optional.
+    if name == "nn":
+        return importlib.import_module(f"{__name__}.nn")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "BACKENDS",
     "backend",
@@ -37,4 +46,5 @@ __all__ = [
     "dequantize",
     "quantized_matmul",
     "gather_qmm",
+    "nn",
 ]

@@ -1,0 +1,527 @@
+"""Quantized layers that run on mlx-quant-ops' affine ops, and :func:`patch`,
+which swaps them into a loaded model in place.
+
+The three layers are subclasses of the MLX / mlx-lm layers they replace
+(:class:`mlx.nn.QuantizedLinear`, :class:`mlx.nn.QuantizedEmbedding` and
+mlx-lm's ``QuantizedSwitchLinear``), so they keep those layers' parameters
+(``weight``, ``scales``, ``biases``, ``bias``), options (``group_size``,
+``bits``, ``mode``), class methods and freezing behaviour, and every
+``isinstance`` check in MLX and mlx-lm (``nn.quantize``, LoRA, DWQ, saving,
+dequantizing) still recognizes them. Only the forward passes differ: they
+call :func:`mlx_quant_ops.quantized_matmul`, :func:`mlx_quant_ops.gather_qmm`
+and :func:`mlx_quant_ops.dequantize` instead of the ``mx.*`` built-ins, so the
+matmul runs on this package's Metal / CUDA kernels or its reference path.
+
+Typical use::
+
+    import mlx_lm
+    import mlx_quant_ops as mqo
+
+    model, tokenizer = mlx_lm.load("some-4bit-model")
+    mqo.nn.patch(model)          # same weights, our kernels
+
+Only the ``"affine"`` quantization mode is this package's format; layers in
+other modes (``mxfp4``, ``nvfp4``, ``mxfp8``) are left as they are.
+"""
+
+from typing import Callable, Optional, Union
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_map_with_path
+
+from . import _validate as check
+from . import affine
+
+try:
+    from mlx_lm.models.switch_layers import (
+        QuantizedSwitchLinear as _MLXLMQuantizedSwitchLinear,
+    )
+except ImportError:  # mlx-lm is an optional dependency
+    _MLXLMQuantizedSwitchLinear = None
+
+AFFINE = "affine"
+
+
+def _require_affine(op: str, mode) -> None:
+    if mode != AFFINE:
+        check.fail(
+            f"nn.{op}",
+            "mode",
+            f"{AFFINE!r} (the only quantization mode of mlx_quant_ops)",
+            repr(mode),
+        )
+
+
+def _adopt(cls, base: type, layer: nn.Module, op: str) -> nn.Module:
+    """A ``cls`` instance holding the state of ``layer`` (a ``base``): the
+    same arrays (not copies), the same options and the same frozen set and
+    training flag.
+
+    The instance is made without ``cls.__init__``, which would draw and
+    quantize a random placeholder weight the size of the layer.
+    """
+    if not isinstance(layer, base):
+        home = "mlx.nn" if base.__module__.startswith("mlx.nn") else base.__module__
+        check.fail(
+            f"nn.{op}",
+            "layer",
+            f"a {home}.{base.__name__}",
+            type(layer).__name__,
+            TypeError,
+        )
+    _require_affine(op, layer.mode)
+    adopted = cls.__new__(cls)
+    # Plain attributes first (group_size, bits, mode, _training, ...), then
+    # the arrays, which a Module keeps as its dict items.
+    adopted.__dict__.update(layer.__dict__)
+    adopted._no_grad = set(layer._no_grad)
+    dict.update(adopted, layer)
+    return adopted
+
+
+class QuantizedLinear(nn.QuantizedLinear):
+    """:class:`mlx.nn.QuantizedLinear` whose forward runs
+    :func:`mlx_quant_ops.quantized_matmul`.
+
+    Same constructor, parameters, options and frozen state as MLX's layer
+    (``weight``, ``scales`` and ``biases`` are frozen; ``bias`` is not), and
+    ``mode`` must be ``"affine"``.
+
+    Args:
+        input_dims (int): the size of the input features.
+        output_dims (int): the size of the output features.
+        bias (bool, optional): whether to add a bias. Default: ``True``.
+        group_size (int, optional): the quantization group size. Default: 64.
+        bits (int, optional): bits per weight. Default: 4.
+        mode (str, optional): must be ``"affine"``. Default: ``"affine"``.
+    """
+
+    def __init__(
+        self,
+        input_dims: int,
+        output_dims: int,
+        bias: bool = True,
+        group_size: Optional[int] = None,
+        bits: Optional[int] = None,
+        mode: str = AFFINE,
+    ):
+        _require_affine("QuantizedLinear", mode)
+        super().__init__(input_dims, output_dims, bias, group_size, bits, mode)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        y = affine.quantized_matmul(
+            x,
+            self["weight"],
+            scales=self["scales"],
+            biases=self["biases"],
+            transpose=True,
+            group_size=self.group_size,
+            bits=self.bits,
+        )
+        if "bias" in self:
+            y = y + self["bias"]
+        return y
+
+    @classmethod
+    def from_linear(
+        cls,
+        linear_layer: nn.Module,
+        group_size: Optional[int] = None,
+        bits: Optional[int] = None,
+        mode: str = AFFINE,
+    ) -> "QuantizedLinear":
+        """Quantize an :class:`mlx.nn.Linear` with
+        :func:`mlx_quant_ops.quantize`.
+
+        Args:
+            linear_layer (mlx.nn.Linear): the layer to quantize; its bias,
+                if any, is kept as it is.
+            group_size (int, optional): the quantization group size.
+                Default: 64.
+            bits (int, optional): bits per weight. Default: 4.
+            mode (str, optional): must be ``"affine"``.
+
+        Returns:
+            QuantizedLinear: the quantized layer.
+        """
+        _require_affine("QuantizedLinear.from_linear", mode)
+        output_dims, input_dims = linear_layer.weight.shape
+        layer = cls(input_dims, output_dims, False, group_size, bits, mode)
+        layer.weight, layer.scales, layer.biases = affine.quantize(
+            linear_layer.weight, group_size=layer.group_size, bits=layer.bits
+        )
+        if "bias" in linear_layer:
+            layer.bias = linear_layer.bias
+        return layer
+
+    @classmethod
+    def from_quantized(cls, layer: nn.QuantizedLinear) -> "QuantizedLinear":
+        """This class's layer over an MLX affine ``QuantizedLinear``'s own
+        arrays (shared, not copied), options and frozen state.
+
+        Args:
+            layer (mlx.nn.QuantizedLinear): an ``"affine"``-mode layer.
+
+        Returns:
+            QuantizedLinear: the new layer.
+        """
+        return _adopt(cls, nn.QuantizedLinear, layer, "QuantizedLinear.from_quantized")
+
+
+class QuantizedEmbedding(nn.QuantizedEmbedding):
+    """:class:`mlx.nn.QuantizedEmbedding` on mlx-quant-ops' ops.
+
+    A lookup dequantizes only the gathered rows with
+    :func:`mlx_quant_ops.dequantize`; :meth:`as_linear` (tied output
+    projections) runs :func:`mlx_quant_ops.quantized_matmul`. Same
+    constructor, parameters, options and frozen state as MLX's layer, and
+    ``mode`` must be ``"affine"``.
+
+    Args:
+        num_embeddings (int): the vocabulary size.
+        dims (int): the embedding size.
+        group_size (int, optional): the quantization group size. Default: 64.
+        bits (int, optional): bits per weight. Default: 4.
+        mode (str, optional): must be ``"affine"``. Default: ``"affine"``.
+    """
+
+    def __init__(
+        self,
+        num_embeddings: int,
+        dims: int,
+        group_size: Optional[int] = None,
+        bits: Optional[int] = None,
+        mode: str = AFFINE,
+    ):
+        _require_affine("QuantizedEmbedding", mode)
+        super().__init__(num_embeddings, dims, group_size, bits, mode)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return affine.dequantize(
+            self["weight"][x],
+            scales=self["scales"][x],
+            biases=self["biases"][x],
+            group_size=self.group_size,
+            bits=self.bits,
+        )
+
+    def as_linear(self, x: mx.array) -> mx.array:
+        """``x @ E.T`` for the dequantized embedding table ``E``: the output
+        projection of a model with tied embeddings.
+
+        Args:
+            x (mlx.core.array): ``[..., dims]`` activations.
+
+        Returns:
+            mlx.core.array: ``[..., num_embeddings]``.
+        """
+        return affine.quantized_matmul(
+            x,
+            self["weight"],
+            scales=self["scales"],
+            biases=self["biases"],
+            transpose=True,
+            group_size=self.group_size,
+            bits=self.bits,
+        )
+
+    @classmethod
+    def from_embedding(
+        cls,
+        embedding_layer: nn.Module,
+        group_size: Optional[int] = None,
+        bits: Optional[int] = None,
+        mode: str = AFFINE,
+    ) -> "QuantizedEmbedding":
+        """Quantize an :class:`mlx.nn.Embedding` with
+        :func:`mlx_quant_ops.quantize`.
+
+        Args:
+            embedding_layer (mlx.nn.Embedding): the layer to quantize.
+            group_size (int, optional): the quantization group size.
+                Default: 64.
+            bits (int, optional): bits per weight. Default: 4.
+            mode (str, optional): must be ``"affine"``.
+
+        Returns:
+            QuantizedEmbedding: the quantized layer.
+        """
+        _require_affine("QuantizedEmbedding.from_embedding", mode)
+        num_embeddings, dims = embedding_layer.weight.shape
+        layer = cls(num_embeddings, dims, group_size, bits, mode)
+        layer.weight, layer.scales, layer.biases = affine.quantize(
+            embedding_layer.weight, group_size=layer.group_size, bits=layer.bits
+        )
+        return layer
+
+    @classmethod
+    def from_quantized(cls, layer: nn.QuantizedEmbedding) -> "QuantizedEmbedding":
+        """This class's layer over an MLX affine ``QuantizedEmbedding``'s own
+        arrays (shared, not copied), options and frozen state.
+
+        Args:
+            layer (mlx.nn.QuantizedEmbedding): an ``"affine"``-mode layer.
+
+        Returns:
+            QuantizedEmbedding: the new layer.
+        """
+        return _adopt(
+            cls, nn.QuantizedEmbedding, layer, "QuantizedEmbedding.from_quantized"
+        )
+
+
+if _MLXLMQuantizedSwitchLinear is not None:
+    _SwitchBase = _MLXLMQuantizedSwitchLinear
+else:
+
+    class _SwitchBase(nn.Module):
+        """The state of mlx-lm's ``QuantizedSwitchLinear`` (affine mode), for
+        installs without mlx-lm."""
+
+        def __init__(
+            self,
+            input_dims: int,
+            output_dims: int,
+            num_experts: int,
+            bias: bool = True,
+            group_size: int = 64,
+            bits: int = 4,
+            mode: str = AFFINE,
+        ):
+            super().__init__()
+            self.group_size = group_size
+            self.bits = bits
+            self.mode = mode
+            scale = (1 / input_dims) ** 0.5
+            weight = mx.random.uniform(
+                low=-scale, high=scale, shape=(num_experts, output_dims, input_dims)
+            )
+            self._quantize(weight)
+            if bias:
+                self.bias = mx.zeros((num_experts, output_dims))
+            self.freeze()
+
+        @property
+        def input_dims(self) -> int:
+            return self.scales.shape[2] * self.group_size
+
+        @property
+        def output_dims(self) -> int:
+            return self.weight.shape[1]
+
+        @property
+        def num_experts(self) -> int:
+            return self.weight.shape[0]
+
+
+class QuantizedSwitchLinear(_SwitchBase):
+    """mlx-lm's ``QuantizedSwitchLinear`` (the expert weights of a
+    mixture-of-experts layer) whose forward runs
+    :func:`mlx_quant_ops.gather_qmm`.
+
+    A subclass of mlx-lm's layer when mlx-lm is installed: same constructor,
+    parameters (``weight [E, N, K*bits/32]``, ``scales``, ``biases``,
+    optional ``bias [E, N]``), options and frozen state. ``mode`` must be
+    ``"affine"`` (so there is no nvfp4 ``global_scale``).
+
+    Args:
+        input_dims (int): the size of the input features, K.
+        output_dims (int): the size of each expert's output, N.
+        num_experts (int): the number of experts, E.
+        bias (bool, optional): whether to add a per-expert bias.
+            Default: ``True``.
+        group_size (int, optional): the quantization group size. Default: 64.
+        bits (int, optional): bits per weight. Default: 4.
+        mode (str, optional): must be ``"affine"``. Default: ``"affine"``.
+    """
+
+    def __init__(
+        self,
+        input_dims: int,
+        output_dims: int,
+        num_experts: int,
+        bias: bool = True,
+        group_size: int = 64,
+        bits: int = 4,
+        mode: str = AFFINE,
+    ):
+        _require_affine("QuantizedSwitchLinear", mode)
+        super().__init__(
+            input_dims, output_dims, num_experts, bias, group_size, bits, mode
+        )
+
+    def _quantize(self, weight: mx.array, global_scale: bool = False) -> None:
+        # mlx-lm's SwitchLinear.to_quantized and our constructor come here.
+        if global_scale:
+            check.fail(
+                "nn.QuantizedSwitchLinear",
+                "global_scale",
+                "False (a global scale needs nvfp4 mode)",
+                repr(global_scale),
+            )
+        self.weight, self.scales, self.biases = affine.quantize(
+            weight, group_size=self.group_size, bits=self.bits
+        )
+        self.global_scale = None
+
+    def __call__(
+        self, x: mx.array, indices: mx.array, sorted_indices: bool = False
+    ) -> mx.array:
+        """Each token through its selected experts.
+
+        Args:
+            x (mlx.core.array): ``[..., M, K]`` activations (mlx-lm's
+                ``SwitchGLU`` passes ``[T, 1, 1, K]``, or ``[T*top_k, 1, K]``
+                when it sorts tokens by expert).
+            indices (mlx.core.array): expert ids, broadcastable against
+                ``x``'s batch shape.
+            sorted_indices (bool, optional): ``indices`` are sorted
+                (lets the kernel reuse each expert's weights across
+                neighbouring tokens). Default: ``False``.
+
+        Returns:
+            mlx.core.array: ``[..., M, N]``.
+        """
+        y = affine.gather_qmm(
+            x,
+            self["weight"],
+            scales=self["scales"],
+            biases=self["biases"],
+            rhs_indices=indices,
+            transpose=True,
+            group_size=self.group_size,
+            bits=self.bits,
+            sorted_indices=sorted_indices,
+        )
+        if "bias" in self:
+            y = y + mx.expand_dims(self["bias"][indices], -2)
+        return y
+
+    @classmethod
+    def from_switch_linear(
+        cls,
+        switch_layer: nn.Module,
+        group_size: int = 64,
+        bits: int = 4,
+        mode: str = AFFINE,
+    ) -> "QuantizedSwitchLinear":
+        """Quantize an mlx-lm ``SwitchLinear`` with
+        :func:`mlx_quant_ops.quantize`.
+
+        Args:
+            switch_layer (mlx_lm.models.switch_layers.SwitchLinear): the
+                experts to quantize; a bias, if any, is kept as it is.
+            group_size (int, optional): the quantization group size.
+                Default: 64.
+            bits (int, optional): bits per weight. Default: 4.
+            mode (str, optional): must be ``"affine"``.
+
+        Returns:
+            QuantizedSwitchLinear: the quantized layer.
+        """
+        _require_affine("QuantizedSwitchLinear.from_switch_linear", mode)
+        num_experts, output_dims, input_dims = switch_layer.weight.shape
+        layer = cls(input_dims, output_dims, num_experts, False, group_size, bits, mode)
+        layer._quantize(switch_layer.weight)
+        if "bias" in switch_layer:
+            layer.bias = switch_layer.bias
+        return layer
+
+    @classmethod
+    def from_quantized(cls, layer: nn.Module) -> "QuantizedSwitchLinear":
+        """This class's layer over an mlx-lm affine ``QuantizedSwitchLinear``'s
+        own arrays (shared, not copied), options and frozen state.
+
+        Args:
+            layer (mlx_lm.models.switch_layers.QuantizedSwitchLinear): an
+                ``"affine"``-mode layer.
+
+        Returns:
+            QuantizedSwitchLinear: the new layer.
+        """
+        return _adopt(cls, _SwitchBase, layer, "QuantizedSwitchLinear.from_quantized")
+
+
+def _replacements() -> dict:
+    """The exact MLX / mlx-lm layer types :func:`patch` swaps, each mapped to
+    ours."""
+    table = {
+        nn.QuantizedLinear: QuantizedLinear,
+        nn.QuantizedEmbedding: QuantizedEmbedding,
+    }
+    if _MLXLMQuantizedSwitchLinear is not None:
+        table[_MLXLMQuantizedSwitchLinear] = QuantizedSwitchLinear
+    return table
+
+
+def _patched(module: nn.Module) -> nn.Module:
+    """``module`` itself, or our layer in its place where :func:`patch` swaps
+    it."""
+    ours = _replacements().get(type(module))
+    if ours is None or getattr(module, "mode", None) != AFFINE:
+        return module
+    return ours.from_quantized(module)
+
+
+def patch(model: nn.Module) -> nn.Module:
+    """Swap a model's MLX quantized layers for this package's, in place.
+
+    Every ``mlx.nn.QuantizedLinear``, ``mlx.nn.QuantizedEmbedding`` and
+    mlx-lm ``QuantizedSwitchLinear`` in ``"affine"`` mode, at any depth
+    (attributes, lists, dicts), becomes the matching layer of this module over
+    the same arrays (shared, not copied), with the same options and the same
+    frozen / trainable state, so the model computes the same function with
+    our kernels. Left untouched:
+
+    - layers in other quantization modes (``mxfp4``, ``nvfp4``, ``mxfp8``),
+      which this package's ops do not implement;
+    - subclasses of those layers (for example a model's own fused variant),
+      whose forward may do more than a quantized matmul;
+    - layers that are already ours, so patching twice changes nothing.
+
+    Args:
+        model (mlx.nn.Module): a model, typically from ``mlx_lm.load`` or
+            after ``mlx.nn.quantize``.
+
+    Returns:
+        mlx.nn.Module: ``model`` itself, patched. If ``model`` is itself one
+        of the swapped layers, the replacement layer (a module cannot replace
+        itself in place).
+    """
+    if not isinstance(model, nn.Module):
+        check.fail(
+            "nn.patch", "model", "an mlx.nn.Module", type(model).__name__, TypeError
+        )
+    replacement = _patched(model)
+    if replacement is not model:
+        return replacement
+    leaves = tree_map_with_path(
+        lambda _, m: _patched(m), model.leaf_modules(), is_leaf=nn.Module.is_module
+    )
+    model.update_modules(leaves)
+    return model
+
+
+def quantize(
+    model: nn.Module,
+    group_size: int = 64,
+    bits: int = 4,
+    *,
+    class_predicate: Optional[Callable[[str, nn.Module], Union[bool, dict]]] = None,
+) -> nn.Module:
+    """:func:`mlx.nn.quantize` in affine mode, then :func:`patch`.
+
+    Args:
+        model (mlx.nn.Module): the model whose layers to quantize, in place.
+        group_size (int, optional): the quantization group size. Default: 64.
+        bits (int, optional): bits per weight. Default: 4.
+        class_predicate (callable, optional): as in :func:`mlx.nn.quantize`:
+            ``(path, module) -> bool or dict of to_quantized options``.
+            Default: every layer with a ``to_quantized`` method.
+
+    Returns:
+        mlx.nn.Module: ``model``, quantized and patched.
+    """
+    nn.quantize(model, group_size, bits, mode=AFFINE, class_predicate=class_predicate)
+    return patch(model)
