@@ -6,6 +6,10 @@ state, gradients), a float64 numpy product of the weight as ``mx.dequantize``
 reads it, and the greedy tokens an unpatched mlx-lm model generates.
 """
 
+import os
+import subprocess
+import sys
+
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
@@ -300,6 +304,31 @@ def test_freezing_and_gradients_match_mlx(kind):
     for m in (ours, theirs):
         m.freeze()
     assert trainable_names(ours) == trainable_names(theirs) == []
+
+
+def test_constructors_match_mlx():
+    pairs = [
+        (mqo.nn.QuantizedLinear(64, 32), nn.QuantizedLinear(64, 32)),
+        (
+            mqo.nn.QuantizedLinear(64, 32, False, 32, 8),
+            nn.QuantizedLinear(64, 32, False, 32, 8),
+        ),
+        (
+            mqo.nn.QuantizedEmbedding(10, 128, 128, 3),
+            nn.QuantizedEmbedding(10, 128, 128, 3),
+        ),
+        (mqo.nn.QuantizedSwitchLinear(64, 32, 4), LMQuantizedSwitch(64, 32, 4)),
+    ]
+    for ours, theirs in pairs:
+        for attr in ("group_size", "bits", "mode"):
+            assert getattr(ours, attr) == getattr(theirs, attr)
+        a, b = dict(tree_flatten(ours.parameters())), dict(
+            tree_flatten(theirs.parameters())
+        )
+        assert {k: (v.shape, v.dtype) for k, v in a.items()} == {
+            k: (v.shape, v.dtype) for k, v in b.items()
+        }
+        assert trainable_names(ours) == trainable_names(theirs)
 
 
 def test_constructors_reject_other_modes():
@@ -607,3 +636,30 @@ def test_patch_model_loaded_from_disk(tmp_path):
     assert type(experts) is mqo.nn.QuantizedSwitchLinear and experts.bits == 4
     assert_equal_arrays(loaded, model)
     assert greedy(loaded, stream) == tokens
+
+
+def test_switch_layer_without_mlx_lm():
+    """mlx-lm is optional: without it the switch layer stands alone (same
+    fields, our gather_qmm) and patch() still handles MLX's layers."""
+    script = """
+import sys
+sys.modules["mlx_lm"] = None  # any import of mlx-lm now fails
+import mlx.core as mx, mlx.nn as nn
+import mlx_quant_ops as mqo
+assert mqo.nn._MLXLMQuantizedSwitchLinear is None  # the fallback base is in use
+sw = mqo.nn.QuantizedSwitchLinear(128, 24, 4, bias=True, group_size=32, bits=8)
+assert (sw.input_dims, sw.output_dims, sw.num_experts) == (128, 24, 4)
+assert not sw.trainable_parameters()  # frozen on construction, as mlx-lm's
+x, idx = mx.random.normal((3, 1, 1, 128)), mx.array([[0, 3], [2, 2], [1, 0]])
+ref = mx.gather_qmm(x, sw.weight, sw.scales, sw.biases, rhs_indices=idx,
+                    group_size=32, bits=8) + mx.expand_dims(sw.bias[idx], -2)
+assert mx.allclose(sw(x, idx), ref, rtol=1e-5, atol=1e-5).item()
+model = nn.Sequential(nn.QuantizedLinear(64, 32))
+assert type(mqo.nn.patch(model).layers[0]) is mqo.nn.QuantizedLinear
+print("ok")
+"""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env
+    )
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
