@@ -17,6 +17,7 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+from mlx.utils import tree_flatten
 
 import mlx_quant_ops as mqo
 
@@ -117,6 +118,90 @@ def gguf_section(model, tokens):
         layer.weight = originals[layer_name]
 
 
+# ---- MLX affine ----------------------------------------------------------------
+
+AFFINE_CONFIGS = ((4, 64), (8, 32))  # (bits, group size): mlx-lm's usual choices
+# Held-out tokens scored per model: a forward is quadratic in length, and five
+# models on a 2-core CPU should take seconds, not minutes.
+AFFINE_EVAL_TOKENS = 512
+DECODE_TOKENS = 32
+
+
+def parameter_megabytes(model) -> float:
+    return sum(a.nbytes for _, a in tree_flatten(model.parameters())) / 2**20
+
+
+def quantized_copy(model, bits: int, group_size: int, patch: bool = True):
+    """A copy of ``model`` (sharing its float arrays) quantized by
+    ``nn.quantize`` and, with ``patch``, moved onto this package's ops by
+    ``mqo.nn.patch``; ``model`` itself stays in full precision."""
+    copy = type(model)(model.args)
+    copy.update(model.parameters())
+    copy.eval()
+    nn.quantize(copy, group_size=group_size, bits=bits)
+    return mqo.nn.patch(copy) if patch else copy
+
+
+def decode_tokens_per_second(model, prompt: mx.array) -> float:
+    """Greedy generation speed after ``prompt``, prefill not counted."""
+    from mlx_lm.generate import generate_step
+
+    steps = generate_step(prompt, model, max_tokens=DECODE_TOKENS + 1)
+    next(steps)  # the prefill and the first token
+    start = time.perf_counter()
+    for _ in steps:
+        pass
+    return DECODE_TOKENS / (time.perf_counter() - start)
+
+
+def affine_section(model, tokens):
+    print("\n== MLX affine (the format of mx.quantize and mlx-lm models) ==")
+    w = mx.random.normal((4096, 4096), key=mx.random.key(1)) * 4096**-0.5
+    x = mx.random.normal((1, 4096), key=mx.random.key(2))
+    mx.eval(w, x)
+    exact = x @ w.T
+    print(f"weight 4096x4096 f32, x 1x4096 (decode); path: {mqo.backend()}")
+    print(
+        f"{'bits, group':<12} {'== mx.quantize':>14} {'qmm error':>10} {'vs mx':>8}"
+        f" {'quantize ms (mx)':>17} {'qmm ms (mx)':>15}"
+    )
+    for bits, group_size in AFFINE_CONFIGS:
+        opts = dict(group_size=group_size, bits=bits)
+        q, quantize_s = timed(lambda: mqo.quantize(w, **opts))
+        q_mx, quantize_mx_s = timed(lambda: mx.quantize(w, **opts))
+        same = all(mx.array_equal(a, b).item() for a, b in zip(q, q_mx))
+        y, qmm_s = timed(lambda: mqo.quantized_matmul(x, *q, **opts))
+        y_mx, qmm_mx_s = timed(lambda: mx.quantized_matmul(x, *q_mx, **opts))
+        print(
+            f"{bits}-bit g{group_size:<5} {'yes' if same else 'NO':>14} "
+            f"{relative_error(y, exact):>10.2e} {relative_error(y, y_mx):>8.1e} "
+            f"{quantize_s * 1e3:>8.1f} ({quantize_mx_s * 1e3:>6.1f}) "
+            f"{qmm_s * 1e3:>7.2f} ({qmm_mx_s * 1e3:>5.2f})"
+        )
+    print("(qmm error: against the float product x @ w.T; vs mx: against")
+    print(" mx.quantized_matmul on the same codes)")
+
+    if model is None:
+        return
+    tokens = tokens[:, :AFFINE_EVAL_TOKENS]
+    print(
+        f"\nembedded model, nn.quantize + mqo.nn.patch; bits/byte on "
+        f"{tokens.shape[1]} held-out bytes, greedy decode speed:"
+    )
+    print(f"{'':<16} {'bits/byte':>9} {'MB':>7} {'tokens/s':>9}")
+    rows = [("full precision", model)]
+    for bits, group_size in AFFINE_CONFIGS:
+        # The same quantized weights on mlx_quant_ops' layers, then on MLX's.
+        rows.append(
+            (f"{bits}-bit g{group_size}", quantized_copy(model, bits, group_size))
+        )
+        rows.append(("  mx layers", quantized_copy(model, bits, group_size, False)))
+    for name, m in rows:
+        score = bits_per_byte(m, tokens)
+        speed = decode_tokens_per_second(m, tokens[0, :32])
+        print(f"{name:<16} {score:>9.4f} {parameter_megabytes(m):>7.2f} {speed:>9.1f}")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cpu", action="store_true", help="run on the CPU")
@@ -131,6 +216,7 @@ def main():
         model, tokenizer = loaded
         tokens = held_out_tokens(tokenizer)
     gguf_section(model, tokens)
+    affine_section(model, tokens)
 
 
 if __name__ == "__main__":
