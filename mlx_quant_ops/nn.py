@@ -80,6 +80,21 @@ def _adopt(cls, base: type, layer: nn.Module, op: str) -> nn.Module:
     return adopted
 
 
+def _matmul_by_table(layer: nn.Module, x: mx.array) -> mx.array:
+    """``x @ W.T`` for a layer holding an affine-quantized ``[out, in]``
+    table ``W`` (a linear layer's weight, or an embedding used as the output
+    projection)."""
+    return affine.quantized_matmul(
+        x,
+        layer["weight"],
+        scales=layer["scales"],
+        biases=layer["biases"],
+        transpose=True,
+        group_size=layer.group_size,
+        bits=layer.bits,
+    )
+
+
 class QuantizedLinear(nn.QuantizedLinear):
     """:class:`mlx.nn.QuantizedLinear` whose forward runs
     :func:`mlx_quant_ops.quantized_matmul`.
@@ -110,15 +125,7 @@ class QuantizedLinear(nn.QuantizedLinear):
         super().__init__(input_dims, output_dims, bias, group_size, bits, mode)
 
     def __call__(self, x: mx.array) -> mx.array:
-        y = affine.quantized_matmul(
-            x,
-            self["weight"],
-            scales=self["scales"],
-            biases=self["biases"],
-            transpose=True,
-            group_size=self.group_size,
-            bits=self.bits,
-        )
+        y = _matmul_by_table(self, x)
         if "bias" in self:
             y = y + self["bias"]
         return y
@@ -216,15 +223,7 @@ class QuantizedEmbedding(nn.QuantizedEmbedding):
         Returns:
             mlx.core.array: ``[..., num_embeddings]``.
         """
-        return affine.quantized_matmul(
-            x,
-            self["weight"],
-            scales=self["scales"],
-            biases=self["biases"],
-            transpose=True,
-            group_size=self.group_size,
-            bits=self.bits,
-        )
+        return _matmul_by_table(self, x)
 
     @classmethod
     def from_embedding(
