@@ -62,12 +62,19 @@ class KernelSpec:
         inputs: input argument names, in call order.
         outputs: output argument names, in call order.
         headers: family headers (in ``kernels/``) the body uses, in order.
+        body_file: the body's file name in ``kernels/``, where it is not
+            ``<name>.metal`` (a CUDA-only body is ``<name>.cu``).
+        dialects: the paths that can build it; a CUDA-only variant (say, a
+            tensor-core kernel) lists ``("cuda",)`` and the op must not pick
+            it elsewhere.
     """
 
     name: str
     inputs: Tuple[str, ...]
     outputs: Tuple[str, ...]
     headers: Tuple[str, ...] = ("common.h",)
+    body_file: str = ""
+    dialects: Tuple[str, ...] = ("metal", "cuda")
 
     def header_text(self, dialect: str) -> str:
         parts = [read_source(DIALECT_PRELUDE[dialect])]
@@ -75,11 +82,13 @@ class KernelSpec:
         return "\n".join(parts)
 
     def body(self) -> str:
-        return read_source(f"{self.name}.metal")
+        return read_source(self.body_file or f"{self.name}.metal")
 
 
 @functools.lru_cache(maxsize=None)
 def _build(spec: KernelSpec, dialect: str):
+    if dialect not in spec.dialects:
+        raise AssertionError(f"{spec.name} has no {dialect} body ({spec.dialects})")
     if dialect == "metal":
         return mx.fast.metal_kernel(
             name=spec.name,

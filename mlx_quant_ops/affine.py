@@ -20,12 +20,15 @@ validates once and dispatches on the stream's device. The matmuls are
 and ``biases`` follow the same path as the forward pass.
 """
 
+import functools
 from typing import Optional, Tuple
 
 import mlx.core as mx
+import numpy as np
 
 from . import _validate as check
-from ._backend import StreamLike, dispatch
+from ._backend import StreamLike, backend, dispatch
+from ._kernels import KernelSpec, ceil_to, launch, sizes
 
 AFFINE_BITS = (1, 2, 3, 4, 5, 6, 8)
 AFFINE_GROUP_SIZES = (32, 64, 128)
@@ -39,6 +42,38 @@ _PACKS = {3: (8, 3), 5: (8, 5), 6: (4, 3)}
 
 # mx.quantize's lower bound on a group's scale.
 _SCALE_EPS = 1e-7
+
+# ---- kernels (bodies in kernels/affine_*; layouts in kernels/affine.h) -----
+
+_HEADERS = ("common.h", "affine.h")
+_MATMUL_INPUTS = ("x", "w", "scales", "biases", "tiles", "slot_x", "slot_out", "params")
+_QUANTIZE = KernelSpec(
+    "affine_quantize", ("w", "params"), ("w_q", "scales", "biases"), _HEADERS
+)
+_DEQUANTIZE = KernelSpec(
+    "affine_dequantize", ("w", "scales", "biases", "params"), ("out",), _HEADERS
+)
+_QMV = KernelSpec("affine_qmv", _MATMUL_INPUTS, ("out",), _HEADERS)
+_QMM = KernelSpec("affine_qmm", _MATMUL_INPUTS, ("out",), _HEADERS)
+_QMM_N = KernelSpec("affine_qmm_n", _MATMUL_INPUTS, ("out",), _HEADERS)
+_QMM_MMA = KernelSpec(
+    "affine_qmm_mma",
+    _MATMUL_INPUTS,
+    ("out",),
+    _HEADERS + ("affine_mma.cuh",),
+    body_file="affine_qmm_mma.cu",
+    dialects=("cuda",),
+)
+_THREADS = 256  # elementwise kernels: threads per threadgroup
+_SIMD = 32
+_QMV_SIMDGROUPS = 4  # kernels/affine_qmv.metal
+_QMV_MAX_ROWS = 8  # x rows one qmv tile carries (its XR)
+_QMM_TILE = (32, 64, 128)  # kernels/affine_qmm.metal (and _n): BM, BN, threads
+_MMA_TILE = (64, 128, 256)  # kernels/affine_qmm_mma.cu: BM, BN, threads
+# Its taller tile (BM = 128) halves the dequantization per output; it pays
+# once an expert has that many rows (plain prefill, not typical MoE).
+_MMA_TALL_ROWS = 128
+_MAX_GRID_Y = 65535  # CUDA's limit on grid y (tiles)
 
 
 # ---- format and validation -----------------------------------------------
@@ -133,17 +168,16 @@ def _check_matmul(op: str, x, w, scales, biases, transpose, group_size, bits):
 
 
 def _check_indices(op: str, arg: str, indices, batch_shape, what: str):
-    """An index array into the flattened ``batch_shape``; ``None`` gives
-    every batch entry in order (MLX's default)."""
-    bound = 1
-    for d in batch_shape:
-        bound *= d
+    """An index array into the flattened ``batch_shape``, checked and read
+    to the host (uint32 numpy); ``None`` gives every batch entry in order
+    (MLX's default)."""
+    bound = int(np.prod(batch_shape))
     if indices is None:
-        return mx.arange(bound, dtype=mx.uint32).reshape(tuple(batch_shape))
+        return np.arange(bound, dtype=np.uint32).reshape(tuple(batch_shape))
     check.array(op, arg, indices)
     check.integer_dtype(op, arg, indices)
     check.index_range(op, arg, indices, bound, what)
-    return indices.astype(mx.uint32)
+    return np.asarray(indices).astype(np.uint32)
 
 
 # ---- packing ---------------------------------------------------------------
@@ -218,8 +252,25 @@ def _quantize_reference(w, group_size, bits):
 
 
 def _quantize_kernel(w, group_size, bits, *, stream):
-    with mx.stream(stream):
-        return _quantize_reference(w, group_size, bits)
+    k = w.shape[-1]
+    groups = w.size // group_size
+    scale_shape = (*w.shape[:-1], k // group_size)
+    return tuple(
+        launch(
+            _QUANTIZE,
+            [w.reshape(-1), sizes(groups)],
+            template=[("T", w.dtype), ("bits", bits), ("group_size", group_size)],
+            grid=(ceil_to(max(groups, 1), _THREADS), 1, 1),
+            threadgroup=(_THREADS, 1, 1),
+            output_shapes=[
+                (*w.shape[:-1], k * bits // WORD_BITS),
+                scale_shape,
+                scale_shape,
+            ],
+            output_dtypes=[mx.uint32, w.dtype, w.dtype],
+            stream=stream,
+        )
+    )
 
 
 def quantize(
@@ -275,8 +326,32 @@ def _dequantize_reference(w, scales, biases, group_size, bits, dtype):
 
 
 def _dequantize_kernel(w, scales, biases, group_size, bits, dtype, *, stream):
-    with mx.stream(stream):
-        return _dequantize_reference(w, scales, biases, group_size, bits, dtype)
+    if scales.dtype != biases.dtype:
+        # Mixed scale and bias dtypes follow MLX's promotion between the
+        # product and the sum; rare enough to leave to the mx ops.
+        with mx.stream(stream):
+            return _dequantize_reference(w, scales, biases, group_size, bits, dtype)
+    units = w.size // bits  # 32 values per `bits` words
+    return launch(
+        _DEQUANTIZE,
+        [
+            w.reshape(-1),
+            scales.reshape(-1),
+            biases.reshape(-1),
+            sizes(units, w.shape[-1] // bits),
+        ],
+        template=[
+            ("T", scales.dtype),
+            ("O", dtype),
+            ("bits", bits),
+            ("group_size", group_size),
+        ],
+        grid=(ceil_to(max(units, 1), _THREADS), 1, 1),
+        threadgroup=(_THREADS, 1, 1),
+        output_shapes=[(*w.shape[:-1], w.shape[-1] * WORD_BITS // bits)],
+        output_dtypes=[dtype],
+        stream=stream,
+    )[0]
 
 
 def dequantize(
@@ -375,13 +450,196 @@ def _quantized_matmul_reference(x, w, scales, biases, transpose, group_size, bit
     return (x.astype(mx.float32) @ dense).astype(x.dtype)
 
 
+def _schedule(lhs: np.ndarray, rhs: np.ndarray, m: int, tile_rows: int):
+    """Group the output rows of products ``x[lhs[p]] @ W[rhs[p]].T`` (``m``
+    rows each) by expert and cut each expert's rows into tiles.
+
+    Returns:
+        (tiles, slot_x, slot_out, longest): int32 ``[n, 3]`` tiles
+        (expert, first slot, rows), and per slot the row of ``x`` (as
+        ``[products * m, K]``) it reads and the output row it writes; the
+        largest number of rows any expert has.
+    """
+    order = np.argsort(rhs, kind="stable")
+    experts = rhs[order]
+    rows = np.arange(m)
+    slot_out = (order[:, None] * m + rows).reshape(-1)
+    slot_x = (lhs[order].astype(np.int64)[:, None] * m + rows).reshape(-1)
+    starts = np.flatnonzero(np.r_[True, experts[1:] != experts[:-1]])
+    run_start = starts * m
+    run_rows = np.diff(np.r_[starts, rhs.size]) * m
+    per_run = -(-run_rows // tile_rows)
+    run_of_tile = np.repeat(np.arange(starts.size), per_run)
+    first = np.repeat(np.cumsum(per_run) - per_run, per_run)
+    begin = run_start[run_of_tile] + (np.arange(per_run.sum()) - first) * tile_rows
+    end = (run_start + run_rows)[run_of_tile]
+    tiles = np.stack(
+        [experts[starts][run_of_tile], begin, np.minimum(end - begin, tile_rows)], -1
+    )
+    return (
+        tiles.astype(np.int32),
+        slot_x.astype(np.int32),
+        slot_out.astype(np.int32),
+        int(run_rows.max()),
+    )
+
+
+def _qmv_rows_per_simdgroup(x_rows: int, bits: int) -> int:
+    """W rows per simdgroup in kernels/affine_qmv.metal (its R)."""
+    if x_rows == 1:
+        return 8 if bits <= 4 else 4
+    return 4 if x_rows <= 2 else 2
+
+
+@functools.lru_cache(maxsize=256)
+def _plain_schedule(rows: int, tile_rows: int):
+    """Tiles and slots of one weight times ``rows`` rows of x, as device
+    arrays built once (a decode step reuses them every call)."""
+    one = np.zeros(1, dtype=np.int64)
+    tiles, slot_x, slot_out, _ = _schedule(one, one, rows, tile_rows)
+    return mx.array(tiles), mx.array(slot_x), mx.array(slot_out)
+
+
+@functools.lru_cache(maxsize=1024)
+def _sizes(*values):
+    return sizes(*values)
+
+
+def _matmul_rows_kernel(
+    x, w, scales, biases, lhs, rhs, m, transpose, group_size, bits, out_shape, stream
+):
+    """``out[p * m + i] = x[lhs[p] * m + i] @ W[rhs[p]].T`` (or ``@ W``
+    with ``transpose=False``) for every product p, with ``x`` read as
+    ``[rows, K]`` and numpy ``lhs``, ``rhs`` (None: one product of all the
+    rows of x). Picks the mat-vec kernel when each expert gets few rows
+    (decode) and a tiled kernel (tensor cores on CUDA for half and bfloat16)
+    else. Inputs keep their shapes and the output is made in ``out_shape``,
+    so one call is one op in the graph."""
+    k = x.shape[-1]
+    n = w.shape[-2] if transpose else w.shape[-1] * WORD_BITS // bits
+    dtype = x.dtype
+    mma = transpose and backend(stream) == "cuda" and dtype != mx.float32
+    template = [("T", dtype), ("bits", bits), ("group_size", group_size)]
+    if lhs is None:
+        rows = x.size // k
+        experts, longest = 1, rows
+    else:
+        rows = rhs.size * m
+        experts = len(np.unique(rhs))
+        longest = int(np.bincount(rhs).max()) * m
+    # Up to 8 rows per expert the mat-vec kernel wins: the tiled kernels
+    # spread work over N tiles only and would leave most of the GPU idle.
+    if transpose and rows <= _QMV_MAX_ROWS * experts:
+        x_rows = 1 << (min(longest, _QMV_MAX_ROWS) - 1).bit_length()
+        spec, threads, tile_rows = _QMV, _QMV_SIMDGROUPS * _SIMD, x_rows
+        columns = _QMV_SIMDGROUPS * _qmv_rows_per_simdgroup(x_rows, bits)
+        template.append(("XR", x_rows))
+    elif mma:
+        spec, (tile_rows, columns, threads) = _QMM_MMA, _MMA_TILE
+        if longest >= _MMA_TALL_ROWS:
+            tile_rows = _MMA_TALL_ROWS
+        template.append(("BM", tile_rows))
+    else:
+        spec = _QMM if transpose else _QMM_N
+        tile_rows, columns, threads = _QMM_TILE
+    if lhs is None:
+        tiles, slot_x, slot_out = _plain_schedule(rows, tile_rows)
+        n_tiles = tiles.shape[0]
+    else:
+        tiles, slot_x, slot_out, _ = _schedule(lhs, rhs, m, tile_rows)
+        n_tiles = len(tiles)
+        tiles, slot_x, slot_out = (mx.array(a) for a in (tiles, slot_x, slot_out))
+    n_blocks = ceil_to(n, columns) // columns
+    # The tensor-core kernel takes row tiles along grid x, so the blocks that
+    # share a weight tile run together and find it in L2.
+    grid = (
+        (n_tiles * threads, n_blocks)
+        if spec is _QMM_MMA
+        else (
+            n_blocks * threads,
+            n_tiles,
+        )
+    )
+    if grid[1] > _MAX_GRID_Y:
+        raise ValueError(
+            f"[mlx_quant_ops] a grid of {grid[1]} rows exceeds the kernel "
+            f"grid limit ({_MAX_GRID_Y}); split the call"
+        )
+    return launch(
+        spec,
+        [x, w, scales, biases, tiles, slot_x, slot_out, _sizes(n, k)],
+        template=template,
+        grid=(*grid, 1),
+        threadgroup=(threads, 1, 1),
+        output_shapes=[out_shape],
+        output_dtypes=[dtype],
+        stream=stream,
+    )[0]
+
+
+def _dense_f32_kernel(w, scales, biases, group_size, bits, stream):
+    """The weight in float32 through the dequantize kernel (half and
+    bfloat16 products then run in float32: MLX's CUDA matmul would round
+    the weight to the activation dtype and accumulate with TF32 or less)."""
+    f32 = mx.float32
+    return _dequantize_kernel(
+        w,
+        scales.astype(f32, stream=stream),
+        biases.astype(f32, stream=stream),
+        group_size,
+        bits,
+        f32,
+        stream=stream,
+    )
+
+
 def _quantized_matmul_kernel(
     x, w, scales, biases, transpose, group_size, bits, *, stream
 ):
-    with mx.stream(stream):
-        return _quantized_matmul_reference(
-            x, w, scales, biases, transpose, group_size, bits
+    k = x.shape[-1]
+    n = w.shape[-2] if transpose else w.shape[-1] * WORD_BITS // bits
+    if not transpose and x.dtype != mx.float32:
+        dense = _dense_f32_kernel(w, scales, biases, group_size, bits, stream)
+        out = mx.matmul(x.astype(mx.float32, stream=stream), dense, stream=stream)
+        return out.astype(x.dtype, stream=stream)
+    if w.ndim == 2:
+        # One weight: every row of x is a row of one product.
+        return _matmul_rows_kernel(
+            x,
+            w,
+            scales,
+            biases,
+            None,
+            None,
+            None,
+            transpose,
+            group_size,
+            bits,
+            (*x.shape[:-1], n),
+            stream,
         )
+    batch = np.broadcast_shapes(x.shape[:-2], w.shape[:-2])
+    lhs = np.broadcast_to(
+        np.arange(int(np.prod(x.shape[:-2]))).reshape(x.shape[:-2]), batch
+    )
+    rhs = np.broadcast_to(
+        np.arange(int(np.prod(w.shape[:-2]))).reshape(w.shape[:-2]), batch
+    )
+    m = x.shape[-2]
+    return _matmul_rows_kernel(
+        x,
+        w,
+        scales,
+        biases,
+        lhs.reshape(-1),
+        rhs.reshape(-1),
+        m,
+        transpose,
+        group_size,
+        bits,
+        (*batch, m, n),
+        stream,
+    )
 
 
 def _quantized_matmul_any(x, w, scales, biases, transpose, group_size, bits, stream):
@@ -533,10 +791,35 @@ def _gather_qmm_kernel(
     *,
     stream,
 ):
-    with mx.stream(stream):
-        return _gather_qmm_reference(
-            x, w, scales, biases, lhs_indices, rhs_indices, transpose, group_size, bits
+    m, k = x.shape[-2:]
+    n = w.shape[-2] if transpose else w.shape[-1] * WORD_BITS // bits
+    if not transpose and x.dtype != mx.float32:
+        dense = _dense_f32_kernel(w, scales, biases, group_size, bits, stream)
+        out = mx.gather_mm(
+            x.astype(mx.float32, stream=stream),
+            dense,
+            lhs_indices,
+            rhs_indices,
+            sorted_indices=sorted_indices,
+            stream=stream,
         )
+        return out.astype(x.dtype, stream=stream)
+    # The indices were built from host arrays (gather_qmm), so reading them
+    # back costs no device round trip; the schedule sorts by expert itself.
+    return _matmul_rows_kernel(
+        x,
+        w,
+        scales,
+        biases,
+        np.asarray(lhs_indices).reshape(-1),
+        np.asarray(rhs_indices).reshape(-1),
+        m,
+        transpose,
+        group_size,
+        bits,
+        (*lhs_indices.shape, m, n),
+        stream,
+    )
 
 
 def _gather_qmm_any(
@@ -599,7 +882,7 @@ def _differentiable_gather_qmm(transpose, group_size, bits, sorted_indices, stre
             w,
             scales,
             biases,
-            mx.arange(rhs.size, dtype=mx.uint32).reshape(rhs.shape),
+            mx.array(np.arange(rhs.size, dtype=np.uint32).reshape(rhs.shape)),
             rhs,
             not transpose,
             group_size,
@@ -698,6 +981,9 @@ def gather_qmm(
     shape = check.broadcast_shapes(
         op, "lhs_indices and rhs_indices", lhs.shape, rhs.shape
     )
-    lhs, rhs = mx.broadcast_to(lhs, shape), mx.broadcast_to(rhs, shape)
+    # Host copies (the range check read them anyway): the kernels build
+    # their tile schedule from these without another device round trip.
+    lhs = mx.array(np.ascontiguousarray(np.broadcast_to(lhs, shape)))
+    rhs = mx.array(np.ascontiguousarray(np.broadcast_to(rhs, shape)))
     fn = _differentiable_gather_qmm(transpose, group_size, bits, sorted_indices, stream)
     return fn(x.astype(dtype), w, scales.astype(dtype), biases.astype(dtype), lhs, rhs)

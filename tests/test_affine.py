@@ -194,6 +194,17 @@ def test_quantized_matmul_bits_and_groups(path, bits, group_size):
         )
 
 
+@pytest.mark.parametrize("dtype", (mx.float16, mx.bfloat16), ids=("f16", "bf16"))
+@pytest.mark.parametrize("bits", BITS)
+def test_quantized_matmul_prefill_bits(path, dtype, bits):
+    # Many rows per weight (the tiled kernel), N not a multiple of its tile.
+    group_size, n, k = 64, 200, 128
+    w_q, scales, biases = _weights((n, k), dtype, group_size, bits, seed=bits)
+    for m in (40, 100, 201):  # the last one on the taller tensor-core tile
+        x = _x((m, k), dtype, seed=m)
+        _check_matmul(x, w_q, scales, biases, True, group_size, bits, f"m={m}")
+
+
 @pytest.mark.parametrize(
     "x_shape, w_batch",
     [
@@ -575,3 +586,57 @@ def test_all_combinations_listed():
     assert set(BITS) == set(mqo.affine.AFFINE_BITS)
     assert set(GROUP_SIZES) == set(mqo.affine.AFFINE_GROUP_SIZES)
     assert len(list(itertools.product(BITS, GROUP_SIZES, DTYPES))) == 63
+
+
+# ---- kernel choice -------------------------------------------------------------
+
+
+def test_dispatcher_picks_kernel_by_shape():
+    # Which kernel the cuda path launches for decode, prefill and MoE shapes
+    # (recorded, not run: see cuda_compile.py).
+    from cuda_compile import record_launches
+
+    def picked(fn):
+        return [
+            (l.kernel.name, dict(l.template).get("XR")) for l in record_launches(fn)
+        ]
+
+    w_q, scales, biases = _packed((300, 256), 4, 64, mx.float16)
+    experts = [mx.stack([a] * 8) for a in (w_q, scales, biases)]
+
+    def qmm(m, dtype=mx.float16):
+        return lambda: mqo.quantized_matmul(
+            mx.zeros((m, 256), dtype), w_q, scales.astype(dtype), biases.astype(dtype)
+        )
+
+    assert picked(qmm(1)) == [("affine_qmv", 1)]
+    assert picked(qmm(3)) == [("affine_qmv", 4)]
+    assert picked(qmm(5)) == [("affine_qmv", 8)]
+    assert picked(qmm(8)) == [("affine_qmv", 8)]
+    assert picked(qmm(9)) == [("affine_qmm_mma", None)]
+    tall = record_launches(qmm(128))
+    assert [dict(l.template)["BM"] for l in tall] == [128]
+    assert picked(qmm(8, mx.float32)) == [("affine_qmv", 8)]
+    assert picked(qmm(9, mx.float32)) == [("affine_qmm", None)]
+    assert picked(qmm(17)) == [("affine_qmm_mma", None)]
+    transposed = lambda: mqo.quantized_matmul(
+        mx.zeros((3, 300), mx.float32),
+        w_q,
+        scales.astype(mx.float32),
+        biases.astype(mx.float32),
+        transpose=False,
+    )
+    assert picked(transposed) == [("affine_qmm_n", None)]
+    assert picked(qmm(512, mx.float32)) == [("affine_qmm", None)]
+    one_token = lambda: mqo.gather_qmm(
+        mx.zeros((1, 1, 1, 256), mx.float16), *experts, rhs_indices=mx.array([[1, 5]])
+    )
+    assert picked(one_token) == [("affine_qmv", 1)]
+    routes = mx.array(np.sort(np.random.default_rng(0).integers(0, 8, 512)))
+    many_tokens = lambda: mqo.gather_qmm(
+        mx.zeros((512, 1, 256), mx.float16),
+        *experts,
+        rhs_indices=routes,
+        sorted_indices=True,
+    )
+    assert picked(many_tokens) == [("affine_qmm_mma", None)]

@@ -41,10 +41,60 @@ def exercise_gguf():
     return outputs
 
 
+def _affine_calls(dtype, bits, group_size, decode_rows=(1,), prefill=True):
+    """Public affine ops on one (dtype, bits, group size): quantize,
+    dequantize, the decode kernel for each ``decode_rows`` count (its x-row
+    template), the prefill kernel and a MoE gather."""
+    k = 2 * group_size
+    w = mx.zeros((40, k), dtype=dtype)
+    w_q, scales, biases = mqo.quantize(w, group_size, bits)
+    out = [w_q, mqo.dequantize(w_q, scales, biases, group_size, bits)]
+    for m in decode_rows:
+        x = mx.zeros((m, k), dtype=dtype)
+        out.append(mqo.quantized_matmul(x, w_q, scales, biases, True, group_size, bits))
+    if dtype == mx.float32:
+        # x @ W (transpose=False) has its own float32 kernel.
+        x = mx.zeros((3, 40), dtype=dtype)
+        out.append(
+            mqo.quantized_matmul(x, w_q, scales, biases, False, group_size, bits)
+        )
+    if prefill:
+        x = mx.zeros((70, k), dtype=dtype)
+        out.append(mqo.quantized_matmul(x, w_q, scales, biases, True, group_size, bits))
+        experts = [a[None] for a in (w_q, scales, biases)]
+        out.append(
+            mqo.gather_qmm(
+                mx.zeros((3, 1, k), dtype=dtype),
+                *experts,
+                rhs_indices=mx.array([0, 0, 0]),
+                group_size=group_size,
+                bits=bits,
+            )
+        )
+    return out
+
+
+def exercise_affine():
+    # Every bit width at group 64 in half (all kernels), every dtype and
+    # group size at 4 bits, and the decode kernel's x-row variants: the
+    # template axes each kernel has, without the full cross product (which
+    # would take nvcc minutes).
+    outputs = []
+    for bits in mqo.affine.AFFINE_BITS:
+        outputs += _affine_calls(mx.float16, bits, 64)
+        outputs += _affine_calls(mx.float32, bits, 64, decode_rows=(1, 5))
+    for dtype in FLOATS:
+        for group_size in mqo.affine.AFFINE_GROUP_SIZES:
+            outputs += _affine_calls(dtype, 4, group_size, prefill=group_size == 64)
+    outputs += _affine_calls(mx.bfloat16, 4, 64, decode_rows=(2, 3, 8), prefill=False)
+    return outputs
+
+
 #: family name -> a function calling that family's public ops so that every
 #: kernel and template instantiation it can build gets launched once.
 EXERCISES = {
     "gguf": exercise_gguf,
+    "affine": exercise_affine,
 }
 
 
@@ -84,6 +134,18 @@ def test_recorder_sees_every_gguf_kernel():
         "gguf_quantize_block32",
         "gguf_dequantize_block32",
         "gguf_qdq_block32",
+    }
+
+
+def test_recorder_sees_every_affine_kernel():
+    names = {d.name for d in _definitions("affine")}
+    assert names == {
+        "affine_quantize",
+        "affine_dequantize",
+        "affine_qmv",
+        "affine_qmm",
+        "affine_qmm_n",
+        "affine_qmm_mma",
     }
 
 

@@ -1,0 +1,200 @@
+// MLX affine mat-mat on tensor cores (CUDA only; half and bfloat16): the
+// prefill and MoE-prefill kernel of the cuda path. Same tiles and inputs as
+// affine_qmm.metal (the portable body, which the tests hold it to).
+//
+// Block: 256 threads (8 warps) computing BM (64 or 128) rows x BN = 128
+// columns.
+// Per K step of BK = 32 values (one unit, inside one group) the block
+// stages the activations (raw T) and the weights dequantized to T in shared
+// memory, double-buffered, rows padded to 40 values so the fragment loads
+// below hit 32 distinct banks. Global loads run two steps ahead (two
+// register sets); step k + 1 is dequantized and staged right after the mma
+// work of step k, so one barrier per step suffices. Warp (wm, wn) owns
+// rows BM/2 wm .. +BM/2 and columns 32 wn .. +32: BM/32 x 4 mma.sync
+// m16n8k16 tiles with float accumulators.
+// Template: T (__half or __nv_bfloat16), bits, group_size, BM.
+constexpr int MT = BM / 32;  // m16 tiles per warp
+constexpr int X_CHUNKS = BM / 64;  // 16-byte activation chunks per thread
+constexpr int BN = 128;
+constexpr int BK = AFFINE_UNIT;
+constexpr int LDS = BK + 8;
+__shared__ __align__(16) unsigned short xs[2][BM * LDS];
+__shared__ __align__(16) unsigned short ws[2][BN * LDS];
+const int N = params[0];
+const int K = params[1];
+const int tid = threadIdx.x;
+const int lane = tid & 31;
+const int warp = tid >> 5;
+const int tile = blockIdx.x;  // row tiles along x: blocks sharing a weight tile run together
+const int expert = tiles[3 * tile];
+const int slot0 = tiles[3 * tile + 1];
+const int count = tiles[3 * tile + 2];
+const int n0 = blockIdx.y * BN;
+const int words_per_row = K / AFFINE_UNIT * bits;
+const int groups_per_row = K / group_size;
+
+// Weight loader: one row per thread, half of its unit (16 values) each;
+// the half is uniform per warp.
+const int w_row = tid % BN;
+const int w_half = tid / BN;
+const size_t w_index = static_cast<size_t>(expert) * N + min(n0 + w_row, N - 1);
+const uint32_t* wp = w + w_index * words_per_row;
+const T* sp = scales + w_index * groups_per_row;
+const T* bp = biases + w_index * groups_per_row;
+// Activation loader: 8 values (16 bytes) per chunk, 4 threads per row,
+// rows tid / 4 + 64 c.
+const int x_col = (tid & 3) * 8;
+int x_row[X_CHUNKS];
+bool x_valid[X_CHUNKS];
+const T* xp[X_CHUNKS];
+#pragma unroll
+for (int c = 0; c < X_CHUNKS; ++c) {
+  x_row[c] = (tid >> 2) + 64 * c;
+  x_valid[c] = x_row[c] < count;
+  xp[c] = x + static_cast<size_t>(slot_x[slot0 + min(x_row[c], count - 1)]) * K +
+      x_col;
+}
+
+// Two register sets of fetched data, so global loads run two K steps ahead
+// of their use (one step of mma work does not cover a trip to memory).
+struct Fetched {
+  uint32_t words[bits];
+  float scale;
+  float bias;
+  uint4 x_raw[X_CHUNKS];
+};
+Fetched stages[2];
+auto fetch = [&](Fetched& f, int k0) {
+  AffineUnit<bits>::load(wp + (k0 / AFFINE_UNIT) * bits, f.words);
+  f.scale = static_cast<float>(sp[k0 / group_size]);
+  f.bias = static_cast<float>(bp[k0 / group_size]);
+#pragma unroll
+  for (int c = 0; c < X_CHUNKS; ++c) {
+    f.x_raw[c] = *reinterpret_cast<const uint4*>(xp[c] + k0);
+  }
+};
+auto stage = [&](const Fetched& f, int buf) {
+#pragma unroll
+  for (int c = 0; c < X_CHUNKS; ++c) {
+    *reinterpret_cast<uint4*>(&xs[buf][x_row[c] * LDS + x_col]) =
+        x_valid[c] ? f.x_raw[c] : make_uint4(0u, 0u, 0u, 0u);
+  }
+  uint32_t pairs[8];
+  if (w_half == 0) {
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      float lo = fmaf(affine_code_float(affine_code<bits>(f.words, 2 * i)), f.scale, f.bias);
+      float hi = fmaf(affine_code_float(affine_code<bits>(f.words, 2 * i + 1)), f.scale, f.bias);
+      pairs[i] = AffineMma<T>::pack(lo, hi);
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      float lo = fmaf(affine_code_float(affine_code<bits>(f.words, 16 + 2 * i)), f.scale, f.bias);
+      float hi = fmaf(affine_code_float(affine_code<bits>(f.words, 17 + 2 * i)), f.scale, f.bias);
+      pairs[i] = AffineMma<T>::pack(lo, hi);
+    }
+  }
+  uint4* dst = reinterpret_cast<uint4*>(&ws[buf][w_row * LDS + 16 * w_half]);
+  dst[0] = make_uint4(pairs[0], pairs[1], pairs[2], pairs[3]);
+  dst[1] = make_uint4(pairs[4], pairs[5], pairs[6], pairs[7]);
+};
+
+const int wm = warp >> 2;
+const int wn = warp & 3;
+const int g = lane >> 2;
+const int t2 = (lane & 3) * 2;
+float acc[MT][4][4];
+#pragma unroll
+for (int i = 0; i < MT; ++i) {
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+#pragma unroll
+    for (int c = 0; c < 4; ++c) {
+      acc[i][j][c] = 0.0f;
+    }
+  }
+}
+
+auto mma_step = [&](int buf) {
+  const unsigned short* xb = xs[buf];
+  const unsigned short* wb = ws[buf];
+#pragma unroll
+  for (int kk = 0; kk < BK; kk += 16) {
+    uint32_t a[MT][4];
+    uint32_t b[4][2];
+#pragma unroll
+    for (int i = 0; i < MT; ++i) {
+      const int r = wm * (BM / 2) + i * 16 + g;
+      a[i][0] = *reinterpret_cast<const uint32_t*>(&xb[r * LDS + kk + t2]);
+      a[i][1] = *reinterpret_cast<const uint32_t*>(&xb[(r + 8) * LDS + kk + t2]);
+      a[i][2] = *reinterpret_cast<const uint32_t*>(&xb[r * LDS + kk + t2 + 8]);
+      a[i][3] = *reinterpret_cast<const uint32_t*>(&xb[(r + 8) * LDS + kk + t2 + 8]);
+    }
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int n = wn * 32 + j * 8 + g;
+      b[j][0] = *reinterpret_cast<const uint32_t*>(&wb[n * LDS + kk + t2]);
+      b[j][1] = *reinterpret_cast<const uint32_t*>(&wb[n * LDS + kk + t2 + 8]);
+    }
+#pragma unroll
+    for (int i = 0; i < MT; ++i) {
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        AffineMma<T>::mma(acc[i][j], a[i], b[j]);
+      }
+    }
+  }
+};
+
+// Step kt: mma on shared buffer kt % 2 while stages[(kt + 1) % 2] holds the
+// data of step kt + 1 and stages[kt % 2] is refilled with step kt + 2. The
+// loop is unrolled by two so every register index is static.
+const int k_steps = K / BK;
+fetch(stages[0], 0);
+if (k_steps > 1) {
+  fetch(stages[1], BK);
+}
+stage(stages[0], 0);
+__syncthreads();
+for (int kt = 0; kt < k_steps; kt += 2) {
+  if (kt + 2 < k_steps) {
+    fetch(stages[0], (kt + 2) * BK);
+  }
+  mma_step(0);
+  if (kt + 1 < k_steps) {
+    stage(stages[1], 1);
+  }
+  __syncthreads();
+  if (kt + 1 < k_steps) {
+    if (kt + 3 < k_steps) {
+      fetch(stages[1], (kt + 3) * BK);
+    }
+    mma_step(1);
+    if (kt + 2 < k_steps) {
+      stage(stages[0], 0);
+    }
+    __syncthreads();
+  }
+}
+
+#pragma unroll
+for (int i = 0; i < MT; ++i) {
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int m = wm * (BM / 2) + i * 16 + g + 8 * h;
+    if (m < count) {
+      T* o = out + static_cast<size_t>(slot_out[slot0 + m]) * N;
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int n = n0 + wn * 32 + j * 8 + t2;
+        if (n < N) {
+          o[n] = static_cast<T>(acc[i][j][2 * h]);
+        }
+        if (n + 1 < N) {
+          o[n + 1] = static_cast<T>(acc[i][j][2 * h + 1]);
+        }
+      }
+    }
+  }
+}
