@@ -96,25 +96,6 @@ def integer_dtype(op: str, arg: str, x: mx.array) -> None:
         fail(op, arg, "an integer dtype", dtype_name(x.dtype), TypeError)
 
 
-def index_range(op: str, arg: str, x: mx.array, bound: int, what: str) -> None:
-    """Every value of the index array ``x`` in ``[0, bound)``.
-
-    The check reads the indices on the host (evaluating them if needed), so a
-    bad index is an error here instead of an out-of-bounds read in a kernel.
-    """
-    if x.size == 0:
-        return
-    values = np.asarray(x)
-    low, high = int(values.min()), int(values.max())
-    if low < 0 or high >= bound:
-        fail(
-            op,
-            arg,
-            f"values in [0, {bound}) ({what})",
-            f"values in [{low}, {high}]",
-        )
-
-
 def broadcast_shapes(op: str, arg: str, *shapes: Sequence[int]) -> tuple:
     """The NumPy broadcast of ``shapes``; ValueError naming ``arg`` if they
     do not broadcast."""

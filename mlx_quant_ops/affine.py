@@ -53,7 +53,10 @@ _QUANTIZE = KernelSpec(
 _DEQUANTIZE = KernelSpec(
     "affine_dequantize", ("w", "scales", "biases", "params"), ("out",), _HEADERS
 )
-_QMV = KernelSpec("affine_qmv", _MATMUL_INPUTS, ("out",), _HEADERS)
+# The mat-vec takes per-slot expert and x-row arrays (device arrays for MoE,
+# so nothing is read back to the host) instead of a host-built tile list.
+_QMV_INPUTS = ("x", "w", "scales", "biases", "slot_expert", "slot_x", "params")
+_QMV = KernelSpec("affine_qmv", _QMV_INPUTS, ("out",), _HEADERS)
 _QMM = KernelSpec("affine_qmm", _MATMUL_INPUTS, ("out",), _HEADERS)
 _QMM_N = KernelSpec("affine_qmm_n", _MATMUL_INPUTS, ("out",), _HEADERS)
 _QMM_MMA = KernelSpec(
@@ -167,17 +170,39 @@ def _check_matmul(op: str, x, w, scales, biases, transpose, group_size, bits):
     return inner, outer, _result_dtype(x.dtype, scales.dtype, biases.dtype)
 
 
-def _check_indices(op: str, arg: str, indices, batch_shape, what: str):
-    """An index array into the flattened ``batch_shape``, checked and read
-    to the host (uint32 numpy); ``None`` gives every batch entry in order
-    (MLX's default)."""
-    bound = int(np.prod(batch_shape))
+def _check_indices(op: str, arg: str, indices, batch_shape):
+    """An index array into the flattened ``batch_shape`` (dtype and kind
+    checked on the host; values never read back, see :func:`gather_qmm`);
+    ``None`` gives every batch entry in order (MLX's default)."""
     if indices is None:
-        return np.arange(bound, dtype=np.uint32).reshape(tuple(batch_shape))
+        return _batch_arange(tuple(batch_shape))
     check.array(op, arg, indices)
     check.integer_dtype(op, arg, indices)
-    check.index_range(op, arg, indices, bound, what)
-    return np.asarray(indices).astype(np.uint32)
+    return indices
+
+
+@functools.lru_cache(maxsize=256)
+def _batch_arange(batch_shape: tuple) -> mx.array:
+    return mx.arange(int(np.prod(batch_shape)), dtype=mx.uint32).reshape(batch_shape)
+
+
+def _batch_size(a: mx.array) -> int:
+    return a.size // (a.shape[-1] * a.shape[-2])
+
+
+def _gather_valid(lhs, rhs, x, w):
+    """Which products have both indices in range, and the indices clipped
+    into range (safe to gather with)."""
+    x_batch, w_batch = _batch_size(x), _batch_size(w)
+    valid = (lhs.astype(mx.int64) >= 0) & (lhs.astype(mx.int64) < x_batch)
+    valid = valid & (rhs.astype(mx.int64) >= 0) & (rhs.astype(mx.int64) < w_batch)
+    lhs = mx.where(valid, lhs, 0).astype(mx.uint32)
+    rhs = mx.where(valid, rhs, 0).astype(mx.uint32)
+    return valid, lhs, rhs
+
+
+def _nan_where_invalid(out, valid):
+    return mx.where(valid[..., None, None], out, mx.array(float("nan"), out.dtype))
 
 
 # ---- packing ---------------------------------------------------------------
@@ -505,16 +530,70 @@ def _sizes(*values):
     return sizes(*values)
 
 
+@functools.lru_cache(maxsize=256)
+def _shape_slots(lhs: tuple, rhs: tuple, m: int):
+    """Slots of products ``x[lhs[p]] @ W[rhs[p]].T`` of ``m`` rows each, in
+    output order, from index tuples fixed by shapes alone: device arrays
+    ``(slot_expert, slot_x)`` built once, and the longest run of
+    consecutive slots sharing an expert."""
+    experts = np.repeat(np.asarray(rhs, dtype=np.int64), m)
+    x_rows = (np.asarray(lhs, dtype=np.int64)[:, None] * m + np.arange(m)).reshape(-1)
+    change = np.flatnonzero(np.r_[True, experts[1:] != experts[:-1], True])
+    longest = int(np.diff(change).max())
+    return (
+        mx.array(experts.astype(np.int32)),
+        mx.array(x_rows.astype(np.int32)),
+        longest,
+    )
+
+
+def _qmv_kernel(
+    x, w, scales, biases, slot_expert, slot_x, run, group_size, bits, out_shape, stream
+):
+    """The mat-vec kernel over per-slot arrays: ``out[s] = x[slot_x[s]] @
+    W[slot_expert[s]].T``, taking up to ``run`` consecutive slots (a run of
+    one expert, at most 8) per threadgroup row."""
+    k = x.shape[-1]
+    n = w.shape[-2]
+    experts = w.size // (w.shape[-1] * n)
+    slots = slot_x.size
+    x_rows = 1 << (min(max(run, 1), _QMV_MAX_ROWS) - 1).bit_length()
+    columns = _QMV_SIMDGROUPS * _qmv_rows_per_simdgroup(x_rows, bits)
+    n_tiles = -(-slots // x_rows)
+    threads = _QMV_SIMDGROUPS * _SIMD
+    if n_tiles > _MAX_GRID_Y:
+        raise ValueError(
+            f"[mlx_quant_ops] a grid of {n_tiles} rows exceeds the kernel "
+            f"grid limit ({_MAX_GRID_Y}); split the call"
+        )
+    return launch(
+        _QMV,
+        [x, w, scales, biases, slot_expert, slot_x]
+        + [_sizes(n, k, experts, x.size // k, slots)],
+        template=[
+            ("T", x.dtype),
+            ("bits", bits),
+            ("group_size", group_size),
+            ("XR", x_rows),
+        ],
+        grid=(ceil_to(n, columns) // columns * threads, n_tiles, 1),
+        threadgroup=(threads, 1, 1),
+        output_shapes=[out_shape],
+        output_dtypes=[x.dtype],
+        stream=stream,
+    )[0]
+
+
 def _matmul_rows_kernel(
     x, w, scales, biases, lhs, rhs, m, transpose, group_size, bits, out_shape, stream
 ):
     """``out[p * m + i] = x[lhs[p] * m + i] @ W[rhs[p]].T`` (or ``@ W``
     with ``transpose=False``) for every product p, with ``x`` read as
-    ``[rows, K]`` and numpy ``lhs``, ``rhs`` (None: one product of all the
-    rows of x). Picks the mat-vec kernel when each expert gets few rows
-    (decode) and a tiled kernel (tensor cores on CUDA for half and bfloat16)
-    else. Inputs keep their shapes and the output is made in ``out_shape``,
-    so one call is one op in the graph."""
+    ``[rows, K]`` and ``lhs``, ``rhs`` tuples fixed by the shapes (None: one
+    product of all the rows of x). Picks the mat-vec kernel when each expert
+    gets few rows (decode) and a tiled kernel (tensor cores on CUDA for half
+    and bfloat16) else. Inputs keep their shapes and the output is made in
+    ``out_shape``, so one call is one op in the graph."""
     k = x.shape[-1]
     n = w.shape[-2] if transpose else w.shape[-1] * WORD_BITS // bits
     dtype = x.dtype
@@ -524,17 +603,30 @@ def _matmul_rows_kernel(
         rows = x.size // k
         experts, longest = 1, rows
     else:
-        rows = rhs.size * m
-        experts = len(np.unique(rhs))
-        longest = int(np.bincount(rhs).max()) * m
+        rows = len(rhs) * m
+        experts = len(set(rhs))
+        longest = max(rhs.count(e) for e in set(rhs)) * m
     # Up to 8 rows per expert the mat-vec kernel wins: the tiled kernels
     # spread work over N tiles only and would leave most of the GPU idle.
     if transpose and rows <= _QMV_MAX_ROWS * experts:
-        x_rows = 1 << (min(longest, _QMV_MAX_ROWS) - 1).bit_length()
-        spec, threads, tile_rows = _QMV, _QMV_SIMDGROUPS * _SIMD, x_rows
-        columns = _QMV_SIMDGROUPS * _qmv_rows_per_simdgroup(x_rows, bits)
-        template.append(("XR", x_rows))
-    elif mma:
+        if lhs is None:
+            slot_expert, slot_x, run = _shape_slots((0,), (0,), rows)
+        else:
+            slot_expert, slot_x, run = _shape_slots(lhs, rhs, m)
+        return _qmv_kernel(
+            x,
+            w,
+            scales,
+            biases,
+            slot_expert,
+            slot_x,
+            run,
+            group_size,
+            bits,
+            out_shape,
+            stream,
+        )
+    if mma:
         spec, (tile_rows, columns, threads) = _QMM_MMA, _MMA_TILE
         if longest >= _MMA_TALL_ROWS:
             tile_rows = _MMA_TALL_ROWS
@@ -546,7 +638,9 @@ def _matmul_rows_kernel(
         tiles, slot_x, slot_out = _plain_schedule(rows, tile_rows)
         n_tiles = tiles.shape[0]
     else:
-        tiles, slot_x, slot_out, _ = _schedule(lhs, rhs, m, tile_rows)
+        tiles, slot_x, slot_out, _ = _schedule(
+            np.array(lhs), np.array(rhs), m, tile_rows
+        )
         n_tiles = len(tiles)
         tiles, slot_x, slot_out = (mx.array(a) for a in (tiles, slot_x, slot_out))
     n_blocks = ceil_to(n, columns) // columns
@@ -631,8 +725,8 @@ def _quantized_matmul_kernel(
         w,
         scales,
         biases,
-        lhs.reshape(-1),
-        rhs.reshape(-1),
+        tuple(lhs.reshape(-1).tolist()),
+        tuple(rhs.reshape(-1).tolist()),
         m,
         transpose,
         group_size,
@@ -752,13 +846,11 @@ def _quantized_matmul_checked(
 def _gather_qmm_reference(
     x, w, scales, biases, lhs_indices, rhs_indices, transpose, group_size, bits
 ):
+    valid, lhs_indices, rhs_indices = _gather_valid(lhs_indices, rhs_indices, x, w)
     # Few products: unpack only the weights they use; many: unpack every
     # weight once and let mx.gather_mm pick.
-    experts = 1
-    for d in w.shape[:-2]:
-        experts *= d
     x32 = x.astype(mx.float32)
-    if rhs_indices.size < experts:
+    if rhs_indices.size < _batch_size(w):
         flat = rhs_indices.reshape(-1)
         w_sel = w.reshape(-1, *w.shape[-2:])[flat]
         s_sel = scales.reshape(-1, *scales.shape[-2:])[flat]
@@ -774,7 +866,24 @@ def _gather_qmm_reference(
         if transpose:
             dense = dense.swapaxes(-1, -2)
         out = mx.gather_mm(x32, dense, lhs_indices, rhs_indices)
-    return out.astype(x.dtype)
+    return _nan_where_invalid(out, valid).astype(x.dtype)
+
+
+@functools.lru_cache(maxsize=256)
+def _row_tiles(products: int, m: int, tile_rows: int):
+    """For tiled kernels: per tile, its product and first row and row count,
+    when every product's ``m`` rows are cut into tiles of ``tile_rows``."""
+    chunks = -(-m // tile_rows)
+    product = np.repeat(np.arange(products), chunks)
+    chunk = np.tile(np.arange(chunks), products)
+    first = product * m + chunk * tile_rows
+    count = np.minimum(tile_rows, m - chunk * tile_rows)
+    slot_rows = np.arange(m)
+    return (
+        mx.array(product.astype(np.int32)),
+        mx.array(np.stack([first, count], -1).astype(np.int32)),
+        mx.array(slot_rows.astype(np.int32)),
+    )
 
 
 def _gather_qmm_kernel(
@@ -791,35 +900,70 @@ def _gather_qmm_kernel(
     *,
     stream,
 ):
+    # Everything below stays on the device: the indices are never read back,
+    # so an MoE layer costs no host sync and compiles under mx.compile.
     m, k = x.shape[-2:]
-    n = w.shape[-2] if transpose else w.shape[-1] * WORD_BITS // bits
-    if not transpose and x.dtype != mx.float32:
+    out_shape = (*lhs_indices.shape, m, w.shape[-2] if transpose else None)
+    if transpose:
+        flat_lhs = lhs_indices.reshape(-1).astype(mx.int64, stream=stream)
+        slot_expert = rhs_indices.reshape(-1)
+        if m == 1:
+            slot_x = flat_lhs
+        else:
+            slot_expert = mx.repeat(slot_expert, m, stream=stream)
+            rows = mx.arange(m, dtype=mx.int64, stream=stream)
+            slot_x = (flat_lhs[:, None] * m + rows).reshape(-1)
+        # The mat-vec kernel validates each index itself (NaN rows for bad
+        # ones). Sorted indices come in runs of one expert: a threadgroup
+        # then reads each weight once for up to 8 rows.
+        run = _QMV_MAX_ROWS if sorted_indices else m
+        return _qmv_kernel(
+            x,
+            w,
+            scales,
+            biases,
+            slot_expert,
+            slot_x,
+            run,
+            group_size,
+            bits,
+            out_shape,
+            stream,
+        )
+    n = w.shape[-1] * WORD_BITS // bits
+    out_shape = (*lhs_indices.shape, m, n)
+    valid, lhs, rhs = _gather_valid(lhs_indices, rhs_indices, x, w)
+    if x.dtype != mx.float32:
         dense = _dense_f32_kernel(w, scales, biases, group_size, bits, stream)
         out = mx.gather_mm(
             x.astype(mx.float32, stream=stream),
             dense,
-            lhs_indices,
-            rhs_indices,
+            lhs,
+            rhs,
             sorted_indices=sorted_indices,
             stream=stream,
         )
-        return out.astype(x.dtype, stream=stream)
-    # The indices were built from host arrays (gather_qmm), so reading them
-    # back costs no device round trip; the schedule sorts by expert itself.
-    return _matmul_rows_kernel(
-        x,
-        w,
-        scales,
-        biases,
-        np.asarray(lhs_indices).reshape(-1),
-        np.asarray(rhs_indices).reshape(-1),
-        m,
-        transpose,
-        group_size,
-        bits,
-        (*lhs_indices.shape, m, n),
-        stream,
-    )
+        return _nan_where_invalid(out, valid).astype(x.dtype, stream=stream)
+    # float32 x @ W: the exact tiled kernel, one product's rows per tile
+    # (MLX's CUDA matmul would use TF32); tiles built on the device.
+    tile_rows = _QMM_TILE[0]
+    product, first_count, rows = _row_tiles(rhs.size, m, tile_rows)
+    experts = rhs.reshape(-1).astype(mx.int32)[product]
+    tiles = mx.concatenate([experts[:, None], first_count], axis=-1)
+    slot_x = (lhs.reshape(-1, 1).astype(mx.int32) * m + rows).reshape(-1)
+    slot_out = mx.arange(rhs.size * m, dtype=mx.int32)
+    n_blocks = ceil_to(n, _QMM_TILE[1]) // _QMM_TILE[1]
+    out = launch(
+        _QMM_N,
+        [x, w, scales, biases, tiles, slot_x, slot_out, _sizes(n, k)],
+        template=[("T", x.dtype), ("bits", bits), ("group_size", group_size)],
+        grid=(n_blocks * _QMM_TILE[2], product.size, 1),
+        threadgroup=(_QMM_TILE[2], 1, 1),
+        output_shapes=[out_shape],
+        output_dtypes=[x.dtype],
+        stream=stream,
+    )[0]
+    return _nan_where_invalid(out, valid)
 
 
 def _gather_qmm_any(
@@ -957,6 +1101,11 @@ def gather_qmm(
         global_scale: only ``None``.
         sorted_indices (bool): promise that ``rhs_indices`` is sorted
             (lets the kernels group rows by expert). Default: False.
+
+    Index values are never read back to the host (that would stall the
+    device on every MoE layer and break ``mx.compile``): a product whose
+    index is out of range comes out as a row of NaN, never as an
+    out-of-bounds read.
         stream (mlx.core.Stream or Device, optional): where to run.
 
     Returns:
@@ -972,18 +1121,12 @@ def gather_qmm(
             op, x, w, scales, biases, transpose, group_size, bits, dtype, stream
         )
     check.ndim(op, "x", x, at_least=2)
-    lhs = _check_indices(
-        op, "lhs_indices", lhs_indices, x.shape[:-2], "batch entries of x"
-    )
-    rhs = _check_indices(
-        op, "rhs_indices", rhs_indices, w.shape[:-2], "batch entries of w"
-    )
+    lhs = _check_indices(op, "lhs_indices", lhs_indices, x.shape[:-2])
+    rhs = _check_indices(op, "rhs_indices", rhs_indices, w.shape[:-2])
     shape = check.broadcast_shapes(
         op, "lhs_indices and rhs_indices", lhs.shape, rhs.shape
     )
-    # Host copies (the range check read them anyway): the kernels build
-    # their tile schedule from these without another device round trip.
-    lhs = mx.array(np.ascontiguousarray(np.broadcast_to(lhs, shape)))
-    rhs = mx.array(np.ascontiguousarray(np.broadcast_to(rhs, shape)))
+    lhs = mx.broadcast_to(lhs, shape)
+    rhs = mx.broadcast_to(rhs, shape)
     fn = _differentiable_gather_qmm(transpose, group_size, bits, sorted_indices, stream)
     return fn(x.astype(dtype), w, scales.astype(dtype), biases.astype(dtype), lhs, rhs)

@@ -592,26 +592,22 @@ def test_patched_model_generates_same_tokens_gpu(arch, bits, group_size):
     check_patched_model_generates_same(arch, bits, group_size, stream)
 
 
-INDEX_CHECK_SYNCS = pytest.mark.xfail(
-    strict=True,
-    raises=ValueError,
-    reason="gather_qmm range-checks its indices by reading them on the host "
-    "(_validate.index_range), which mx.compile forbids; strict, so a fix shows here",
-)
-
-
 @pytest.mark.parametrize(
-    "arch", ["llama", pytest.param("qwen3_moe", marks=INDEX_CHECK_SYNCS)]
+    "device",
+    [pytest.param("cpu"), pytest.param("gpu", marks=pytest.mark.gpu)],
 )
-def test_patched_model_compiles(arch):
-    """DESIGN.md: the ops build into MLX graphs, mx.compile included; a
-    compiled patched model computes what the uncompiled one does."""
+@pytest.mark.parametrize("arch", ["llama", "qwen3_moe"])
+def test_patched_model_compiles(arch, device):
+    """DESIGN.md: the ops build into MLX graphs, mx.compile included (so MoE
+    routing must never read indices back to the host); a compiled patched
+    model computes what the uncompiled one does."""
     model = random_model(arch)
     mqo.nn.quantize(model, 64, 4)
     prompt = ((mx.arange(24) * 13) % VOCAB)[None]
-    with mx.stream(mx.cpu):
+    with mx.stream(mx.cpu if device == "cpu" else mx.gpu):
         expected = model(prompt)
         compiled = mx.compile(lambda tokens: model(tokens))(prompt)
+        mx.eval(expected, compiled)
     assert rel_err(compiled, f64(expected)) <= 1e-5
 
 
