@@ -571,7 +571,12 @@ def check_patched_model_generates_same(arch, bits, group_size, stream):
 
     with mx.stream(stream):
         patched_logits = model(prompt)
-    assert rel_err(patched_logits, f64(logits)) <= 1e-4
+    # Two implementations of the same float32 model: ours is exact float32
+    # on every path; MLX's CUDA quantized matmul runs float32 prefill on
+    # TF32 tensor cores (about 1e-4 relative error per product), so the GPU
+    # comparison allows for that. The tokens must match exactly either way.
+    bound = 1e-4 if mqo.backend(stream) == "reference" else 1e-3
+    assert rel_err(patched_logits, f64(logits)) <= bound
     assert greedy(model, stream) == tokens
 
 
