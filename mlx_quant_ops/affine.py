@@ -186,6 +186,16 @@ def _batch_arange(batch_shape: tuple) -> mx.array:
     return mx.arange(int(np.prod(batch_shape)), dtype=mx.uint32).reshape(batch_shape)
 
 
+@functools.lru_cache(maxsize=256)
+def _broadcast_arange(batch_shape: tuple, shape: tuple) -> mx.array:
+    """Every batch entry in order, broadcast to ``shape`` and contiguous
+    (built once per shape pair)."""
+    entries = np.arange(int(np.prod(batch_shape)), dtype=np.uint32)
+    return mx.array(
+        np.ascontiguousarray(np.broadcast_to(entries.reshape(batch_shape), shape))
+    )
+
+
 def _batch_size(a: mx.array) -> int:
     return a.size // (a.shape[-1] * a.shape[-2])
 
@@ -905,11 +915,12 @@ def _gather_qmm_kernel(
     m, k = x.shape[-2:]
     out_shape = (*lhs_indices.shape, m, w.shape[-2] if transpose else None)
     if transpose:
-        flat_lhs = lhs_indices.reshape(-1).astype(mx.int64, stream=stream)
         slot_expert = rhs_indices.reshape(-1)
         if m == 1:
-            slot_x = flat_lhs
+            # The kernel reads any integer dtype as a 64-bit index itself.
+            slot_x = lhs_indices.reshape(-1)
         else:
+            flat_lhs = lhs_indices.reshape(-1).astype(mx.int64, stream=stream)
             slot_expert = mx.repeat(slot_expert, m, stream=stream)
             rows = mx.arange(m, dtype=mx.int64, stream=stream)
             slot_x = (flat_lhs[:, None] * m + rows).reshape(-1)
@@ -1126,7 +1137,14 @@ def gather_qmm(
     shape = check.broadcast_shapes(
         op, "lhs_indices and rhs_indices", lhs.shape, rhs.shape
     )
-    lhs = mx.broadcast_to(lhs, shape)
-    rhs = mx.broadcast_to(rhs, shape)
+    # Every op added here costs host time on each MoE call: the default
+    # lhs comes prebuilt in its broadcast shape, and arrays already of the
+    # right shape pass through untouched.
+    if lhs_indices is None:
+        lhs = _broadcast_arange(tuple(x.shape[:-2]), shape)
+    elif lhs.shape != shape:
+        lhs = mx.broadcast_to(lhs, shape)
+    if rhs.shape != shape:
+        rhs = mx.broadcast_to(rhs, shape)
     fn = _differentiable_gather_qmm(transpose, group_size, bits, sorted_indices, stream)
     return fn(x.astype(dtype), w, scales.astype(dtype), biases.astype(dtype), lhs, rhs)
