@@ -170,20 +170,12 @@ def _check_matmul(op: str, x, w, scales, biases, transpose, group_size, bits):
     return inner, outer, _result_dtype(x.dtype, scales.dtype, biases.dtype)
 
 
-def _check_indices(op: str, arg: str, indices, batch_shape):
-    """An index array into the flattened ``batch_shape`` (dtype and kind
-    checked on the host; values never read back, see :func:`gather_qmm`);
-    ``None`` gives every batch entry in order (MLX's default)."""
-    if indices is None:
-        return _batch_arange(tuple(batch_shape))
-    check.array(op, arg, indices)
-    check.integer_dtype(op, arg, indices)
-    return indices
-
-
-@functools.lru_cache(maxsize=256)
-def _batch_arange(batch_shape: tuple) -> mx.array:
-    return mx.arange(int(np.prod(batch_shape)), dtype=mx.uint32).reshape(batch_shape)
+def _check_indices(op: str, arg: str, indices) -> None:
+    """An index array, if given: an integer ``mx.array`` (checked on the
+    host; its values are never read back, see :func:`gather_qmm`)."""
+    if indices is not None:
+        check.array(op, arg, indices)
+        check.integer_dtype(op, arg, indices)
 
 
 @functools.lru_cache(maxsize=256)
@@ -196,6 +188,12 @@ def _broadcast_arange(batch_shape: tuple, shape: tuple) -> mx.array:
     )
 
 
+def _indices_in_shape(indices, batch_shape: tuple, shape: tuple) -> mx.array:
+    if indices is None:
+        return _broadcast_arange(batch_shape, shape)
+    return indices if indices.shape == shape else mx.broadcast_to(indices, shape)
+
+
 def _batch_size(a: mx.array) -> int:
     return a.size // (a.shape[-1] * a.shape[-2])
 
@@ -204,8 +202,8 @@ def _gather_valid(lhs, rhs, x, w):
     """Which products have both indices in range, and the indices clipped
     into range (safe to gather with)."""
     x_batch, w_batch = _batch_size(x), _batch_size(w)
-    valid = (lhs.astype(mx.int64) >= 0) & (lhs.astype(mx.int64) < x_batch)
-    valid = valid & (rhs.astype(mx.int64) >= 0) & (rhs.astype(mx.int64) < w_batch)
+    lhs64, rhs64 = lhs.astype(mx.int64), rhs.astype(mx.int64)
+    valid = (lhs64 >= 0) & (lhs64 < x_batch) & (rhs64 >= 0) & (rhs64 < w_batch)
     lhs = mx.where(valid, lhs, 0).astype(mx.uint32)
     rhs = mx.where(valid, rhs, 0).astype(mx.uint32)
     return valid, lhs, rhs
@@ -490,10 +488,9 @@ def _schedule(lhs: np.ndarray, rhs: np.ndarray, m: int, tile_rows: int):
     rows each) by expert and cut each expert's rows into tiles.
 
     Returns:
-        (tiles, slot_x, slot_out, longest): int32 ``[n, 3]`` tiles
-        (expert, first slot, rows), and per slot the row of ``x`` (as
-        ``[products * m, K]``) it reads and the output row it writes; the
-        largest number of rows any expert has.
+        (tiles, slot_x, slot_out): int32 ``[n, 3]`` tiles (expert, first
+        slot, rows), and per slot the row of ``x`` (as ``[products * m,
+        K]``) it reads and the output row it writes.
     """
     order = np.argsort(rhs, kind="stable")
     experts = rhs[order]
@@ -515,7 +512,6 @@ def _schedule(lhs: np.ndarray, rhs: np.ndarray, m: int, tile_rows: int):
         tiles.astype(np.int32),
         slot_x.astype(np.int32),
         slot_out.astype(np.int32),
-        int(run_rows.max()),
     )
 
 
@@ -531,8 +527,17 @@ def _plain_schedule(rows: int, tile_rows: int):
     """Tiles and slots of one weight times ``rows`` rows of x, as device
     arrays built once (a decode step reuses them every call)."""
     one = np.zeros(1, dtype=np.int64)
-    tiles, slot_x, slot_out, _ = _schedule(one, one, rows, tile_rows)
+    tiles, slot_x, slot_out = _schedule(one, one, rows, tile_rows)
     return mx.array(tiles), mx.array(slot_x), mx.array(slot_out)
+
+
+def _check_grid_rows(rows: int) -> None:
+    """Tiles go along grid y, which CUDA caps; refuse a larger launch."""
+    if rows > _MAX_GRID_Y:
+        raise ValueError(
+            f"[mlx_quant_ops] a grid of {rows} rows exceeds the kernel "
+            f"grid limit ({_MAX_GRID_Y}); split the call"
+        )
 
 
 @functools.lru_cache(maxsize=1024)
@@ -571,11 +576,7 @@ def _qmv_kernel(
     columns = _QMV_SIMDGROUPS * _qmv_rows_per_simdgroup(x_rows, bits)
     n_tiles = -(-slots // x_rows)
     threads = _QMV_SIMDGROUPS * _SIMD
-    if n_tiles > _MAX_GRID_Y:
-        raise ValueError(
-            f"[mlx_quant_ops] a grid of {n_tiles} rows exceeds the kernel "
-            f"grid limit ({_MAX_GRID_Y}); split the call"
-        )
+    _check_grid_rows(n_tiles)
     return launch(
         _QMV,
         [x, w, scales, biases, slot_expert, slot_x]
@@ -648,9 +649,7 @@ def _matmul_rows_kernel(
         tiles, slot_x, slot_out = _plain_schedule(rows, tile_rows)
         n_tiles = tiles.shape[0]
     else:
-        tiles, slot_x, slot_out, _ = _schedule(
-            np.array(lhs), np.array(rhs), m, tile_rows
-        )
+        tiles, slot_x, slot_out = _schedule(np.array(lhs), np.array(rhs), m, tile_rows)
         n_tiles = len(tiles)
         tiles, slot_x, slot_out = (mx.array(a) for a in (tiles, slot_x, slot_out))
     n_blocks = ceil_to(n, columns) // columns
@@ -664,11 +663,7 @@ def _matmul_rows_kernel(
             n_tiles,
         )
     )
-    if grid[1] > _MAX_GRID_Y:
-        raise ValueError(
-            f"[mlx_quant_ops] a grid of {grid[1]} rows exceeds the kernel "
-            f"grid limit ({_MAX_GRID_Y}); split the call"
-        )
+    _check_grid_rows(grid[1])
     return launch(
         spec,
         [x, w, scales, biases, tiles, slot_x, slot_out, _sizes(n, k)],
@@ -964,6 +959,7 @@ def _gather_qmm_kernel(
     slot_x = (lhs.reshape(-1, 1).astype(mx.int32) * m + rows).reshape(-1)
     slot_out = mx.arange(rhs.size * m, dtype=mx.int32)
     n_blocks = ceil_to(n, _QMM_TILE[1]) // _QMM_TILE[1]
+    _check_grid_rows(product.size)
     out = launch(
         _QMM_N,
         [x, w, scales, biases, tiles, slot_x, slot_out, _sizes(n, k)],
@@ -1132,19 +1128,19 @@ def gather_qmm(
             op, x, w, scales, biases, transpose, group_size, bits, dtype, stream
         )
     check.ndim(op, "x", x, at_least=2)
-    lhs = _check_indices(op, "lhs_indices", lhs_indices, x.shape[:-2])
-    rhs = _check_indices(op, "rhs_indices", rhs_indices, w.shape[:-2])
+    _check_indices(op, "lhs_indices", lhs_indices)
+    _check_indices(op, "rhs_indices", rhs_indices)
+    x_batch, w_batch = tuple(x.shape[:-2]), tuple(w.shape[:-2])
     shape = check.broadcast_shapes(
-        op, "lhs_indices and rhs_indices", lhs.shape, rhs.shape
+        op,
+        "lhs_indices and rhs_indices",
+        x_batch if lhs_indices is None else lhs_indices.shape,
+        w_batch if rhs_indices is None else rhs_indices.shape,
     )
-    # Every op added here costs host time on each MoE call: the default
-    # lhs comes prebuilt in its broadcast shape, and arrays already of the
-    # right shape pass through untouched.
-    if lhs_indices is None:
-        lhs = _broadcast_arange(tuple(x.shape[:-2]), shape)
-    elif lhs.shape != shape:
-        lhs = mx.broadcast_to(lhs, shape)
-    if rhs.shape != shape:
-        rhs = mx.broadcast_to(rhs, shape)
+    # Every op added here costs host time on each MoE call: missing indices
+    # (every batch entry in order, MLX's default) come prebuilt in the
+    # broadcast shape, and arrays already of that shape pass through.
+    lhs = _indices_in_shape(lhs_indices, x_batch, shape)
+    rhs = _indices_in_shape(rhs_indices, w_batch, shape)
     fn = _differentiable_gather_qmm(transpose, group_size, bits, sorted_indices, stream)
     return fn(x.astype(dtype), w, scales.astype(dtype), biases.astype(dtype), lhs, rhs)
