@@ -56,8 +56,8 @@ _DEQUANTIZE = KernelSpec(
 # The mat-vec takes per-slot expert and x-row arrays (device arrays for MoE,
 # so nothing is read back to the host) instead of a host-built tile list.
 _QMV_INPUTS = ("x", "w", "scales", "biases", "slot_expert", "slot_x", "params")
-_QMV = KernelSpec("affine_qmv", _QMV_INPUTS, ("out",), _HEADERS)
-_QMM = KernelSpec("affine_qmm", _MATMUL_INPUTS, ("out",), _HEADERS)
+_QMV = KernelSpec("affine_qmv", _QMV_INPUTS, ("out",), _HEADERS + ("affine_load.h",))
+_QMM = KernelSpec("affine_qmm", _MATMUL_INPUTS, ("out",), _HEADERS + ("affine_load.h",))
 _QMM_N = KernelSpec("affine_qmm_n", _MATMUL_INPUTS, ("out",), _HEADERS)
 _QMM_MMA = KernelSpec(
     "affine_qmm_mma",

@@ -22,7 +22,7 @@ def test_kernel_sources_are_shipped():
         wanted = {
             p.name
             for p in REPO_KERNELS.iterdir()
-            if p.suffix in (".metal", ".h", ".cuh")
+            if p.suffix in (".metal", ".h", ".cuh", ".cu")
         }
         assert wanted <= found, f"missing from the package: {sorted(wanted - found)}"
 
@@ -52,3 +52,23 @@ def test_installed_copy_reads_its_own_kernels():
         pytest.skip("imported from the source tree, not an installed copy")
     # An installed wheel must not fall back to a source checkout's kernels/.
     assert package_dir in _kernels.kernel_dir().resolve().parents
+
+
+def _tokens(text: str) -> str:
+    return " ".join(_kernels._LINE_COMMENT.sub("", text).split())
+
+
+def test_compacted_sources_lose_only_comments_and_spacing():
+    # MLX hashes a kernel's whole source on every launch, so sources go to
+    # it compacted (_kernels.compact). That cuts a line at `//`, which is
+    # only safe while no string literal holds one.
+    for path in sorted(_kernels.kernel_dir().iterdir()):
+        if path.suffix not in (".metal", ".h", ".cuh", ".cu"):
+            continue
+        text = path.read_text()
+        for number, line in enumerate(text.splitlines(), 1):
+            if '"' in line and "//" in line:
+                assert line.index("//") < line.index('"'), f"{path.name}:{number}"
+        compacted = _kernels.compact(text)
+        assert "//" not in compacted
+        assert _tokens(compacted) == _tokens(text), path.name
