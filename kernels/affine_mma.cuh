@@ -1,18 +1,40 @@
-// CUDA-only helpers for the tensor-core affine kernels (affine_qmm_mma.cu):
-// warp-level mma.sync m16n8k16 with float accumulators, through inline PTX
-// (NVRTC needs no extra header for it), and packing two floats into the
-// 16-bit pair an mma operand register holds. Only the cuda path includes
-// this file (see affine.py); the Metal bodies never see it.
+// CUDA-only helpers for the tensor-core affine kernels (affine_qmm_mma.cu,
+// affine_qmv_mma.cu): warp-level mma.sync m16n8k16 with float accumulators
+// through inline PTX (NVRTC needs no extra header for it), packing two
+// floats into the 16-bit pair an mma operand register holds, and turning
+// two codes into two weights with packed half-precision arithmetic. Only the
+// cuda path includes this file (see affine.py); the Metal bodies never see it.
 #pragma once
 
+// Two codes as the two 16-bit halves of `raw` (low code in bits 0..15),
+// each below 2^magic_bits, become two weights code * scale + bias: or-ing
+// in the bits of 2^m (m = 10 for half, 7 for bfloat16) gives 2^m + code
+// exactly (the code lands in the mantissa), one packed subtraction removes
+// 2^m exactly, and one packed fma rounds code * scale + bias once. Three
+// instructions per pair, against about five per value through float.
 template <typename T>
 struct AffineMma;
 
 template <>
 struct AffineMma<__half> {
+  typedef __half2 T2;
+  static constexpr int magic_bits = 10;
   static __device__ __forceinline__ unsigned int pack(float lo, float hi) {
     __half2 h = __floats2half2_rn(lo, hi);
     return *reinterpret_cast<unsigned int*>(&h);
+  }
+  static __device__ __forceinline__ T2 splat(__half v) {
+    return __half2half2(v);
+  }
+  static __device__ __forceinline__ unsigned int
+  dequant(unsigned int raw, T2 scale, T2 bias) {
+    const unsigned int magic = 0x64006400u;  // 1024.0 in each half
+    unsigned int biased = raw | magic;
+    T2 codes = __hsub2(
+        *reinterpret_cast<T2*>(&biased),
+        *reinterpret_cast<const T2*>(&magic));
+    T2 w = __hfma2(codes, scale, bias);
+    return *reinterpret_cast<unsigned int*>(&w);
   }
   // d (16x8, f32) += a (16x16, row-major f16) * b (16x8, column-major f16)
   static __device__ __forceinline__ void
@@ -27,9 +49,24 @@ struct AffineMma<__half> {
 
 template <>
 struct AffineMma<__nv_bfloat16> {
+  typedef __nv_bfloat162 T2;
+  static constexpr int magic_bits = 7;
   static __device__ __forceinline__ unsigned int pack(float lo, float hi) {
     __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
     return *reinterpret_cast<unsigned int*>(&h);
+  }
+  static __device__ __forceinline__ T2 splat(__nv_bfloat16 v) {
+    return __bfloat162bfloat162(v);
+  }
+  static __device__ __forceinline__ unsigned int
+  dequant(unsigned int raw, T2 scale, T2 bias) {
+    const unsigned int magic = 0x43004300u;  // 128.0 in each bfloat16
+    unsigned int biased = raw | magic;
+    T2 codes = __hsub2(
+        *reinterpret_cast<T2*>(&biased),
+        *reinterpret_cast<const T2*>(&magic));
+    T2 w = __hfma2(codes, scale, bias);
+    return *reinterpret_cast<unsigned int*>(&w);
   }
   static __device__ __forceinline__ void
   mma(float* d, const unsigned int* a, const unsigned int* b) {
@@ -40,3 +77,114 @@ struct AffineMma<__nv_bfloat16> {
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
   }
 };
+
+// How a 32-value unit (bits words) splits into 16 pairs of codes for the
+// packed arithmetic above. Where codes do not straddle words (1, 2, 4, 8
+// bits) a word of V = 32 / bits codes gives its pairs (i, i + V / 2) with
+// one shift and one mask: pair p is codes lo(p) and lo(p) + V / 2. Other
+// widths pair neighbours (2p, 2p + 1), extracted one by one. The products
+// only need the activations paired the same way (see AffinePairs::x_pair).
+template <int bits>
+struct AffinePairs {
+  static constexpr bool whole_words = (32 % bits) == 0;
+  static constexpr int per_word = 32 / bits;
+  static constexpr int half_word = per_word / 2;
+
+  static __device__ __forceinline__ constexpr int lo(int p) {
+    return whole_words ? per_word * (p / half_word) + p % half_word : 2 * p;
+  }
+  static __device__ __forceinline__ constexpr int hi(int p) {
+    return whole_words ? lo(p) + half_word : 2 * p + 1;
+  }
+  // Codes lo(p) and hi(p) of the unit in words[0 .. bits - 1], as the low
+  // and high halves of one word.
+  static __device__ __forceinline__ unsigned int
+  raw(const unsigned int* words, int p) {
+    if constexpr (whole_words) {
+      const unsigned int mask = ((1u << bits) - 1u) * 0x00010001u;
+      return (words[p / half_word] >> (bits * (p % half_word))) & mask;
+    } else {
+      return affine_code<bits>(words, 2 * p) |
+          (affine_code<bits>(words, 2 * p + 1) << 16);
+    }
+  }
+  // Where code c of the unit lands: pair_of(c) and which half (0 low).
+  static __device__ __forceinline__ constexpr int pair_of(int c) {
+    return whole_words
+        ? (c / per_word) * half_word + (c % per_word) % half_word
+        : c / 2;
+  }
+  static __device__ __forceinline__ constexpr int half_of(int c) {
+    return whole_words ? (c % per_word) / half_word : c % 2;
+  }
+  // Activations lo(p) and hi(p) of a unit held as 16 words of two 16-bit
+  // values each (x[2j] low, x[2j + 1] high), in one byte permute.
+  static __device__ __forceinline__ unsigned int
+  x_pair(const unsigned int* xw, int p) {
+    const int a = lo(p);
+    const int b = hi(p);
+    const unsigned int select =
+        ((a & 1) ? 0x0032u : 0x0010u) | ((b & 1) ? 0x7600u : 0x5400u);
+    return __byte_perm(xw[a / 2], xw[b / 2], select);
+  }
+};
+
+// Pair p of a unit as two weights in T: the packed path where the codes fit
+// the magic number, else through float (bfloat16 8-bit codes reach 255,
+// past bfloat16's 2^7 + code trick).
+template <typename T, int bits>
+__device__ __forceinline__ unsigned int affine_weight_pair(
+    const unsigned int* words,
+    int p,
+    typename AffineMma<T>::T2 scale2,
+    typename AffineMma<T>::T2 bias2,
+    float scale,
+    float bias) {
+  const unsigned int raw = AffinePairs<bits>::raw(words, p);
+  if constexpr (bits <= AffineMma<T>::magic_bits) {
+    return AffineMma<T>::dequant(raw, scale2, bias2);
+  } else {
+    float lo = fmaf(affine_code_float(raw & 0xFFFFu), scale, bias);
+    float hi = fmaf(affine_code_float(raw >> 16), scale, bias);
+    return AffineMma<T>::pack(lo, hi);
+  }
+}
+
+// Weights 2n and 2n + 1 of a unit (natural order, as a tile in shared
+// memory wants them) from the pairs above: one byte permute of the two
+// pairs that hold them (the compiler keeps one copy of each pair).
+template <typename T, int bits>
+__device__ __forceinline__ unsigned int affine_weight_neighbours(
+    const unsigned int* words,
+    int n,
+    typename AffineMma<T>::T2 scale2,
+    typename AffineMma<T>::T2 bias2,
+    float scale,
+    float bias) {
+  typedef AffinePairs<bits> Pairs;
+  const int c0 = 2 * n;
+  const int c1 = 2 * n + 1;
+  if constexpr (!Pairs::whole_words) {
+    return affine_weight_pair<T, bits>(words, n, scale2, bias2, scale, bias);
+  } else {
+    const unsigned int a = affine_weight_pair<T, bits>(
+        words, Pairs::pair_of(c0), scale2, bias2, scale, bias);
+    const unsigned int b = affine_weight_pair<T, bits>(
+        words, Pairs::pair_of(c1), scale2, bias2, scale, bias);
+    const unsigned int select = (Pairs::half_of(c0) ? 0x0032u : 0x0010u) |
+        (Pairs::half_of(c1) ? 0x7600u : 0x5400u);
+    return __byte_perm(a, b, select);
+  }
+}
+
+// ldmatrix.x4: four 8x8 tiles of 16-bit values from shared memory, lane l
+// giving the address of row l % 8 of tile l / 8.
+__device__ __forceinline__ void
+affine_ldmatrix_x4(unsigned int* out, const void* shared_row) {
+  const unsigned int address =
+      static_cast<unsigned int>(__cvta_generic_to_shared(shared_row));
+  asm volatile(
+      "ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+      : "=r"(out[0]), "=r"(out[1]), "=r"(out[2]), "=r"(out[3])
+      : "r"(address));
+}

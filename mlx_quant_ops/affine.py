@@ -57,13 +57,23 @@ _DEQUANTIZE = KernelSpec(
 # so nothing is read back to the host) instead of a host-built tile list.
 _QMV_INPUTS = ("x", "w", "scales", "biases", "slot_expert", "slot_x", "params")
 _QMV = KernelSpec("affine_qmv", _QMV_INPUTS, ("out",), _HEADERS + ("affine_load.h",))
+_MMA_HEADERS = _HEADERS + ("affine_mma.cuh",)
+# Its tensor-core twin for half and bfloat16 on CUDA (same inputs).
+_QMV_MMA = KernelSpec(
+    "affine_qmv_mma",
+    _QMV_INPUTS,
+    ("out",),
+    _MMA_HEADERS,
+    body_file="affine_qmv_mma.cu",
+    dialects=("cuda",),
+)
 _QMM = KernelSpec("affine_qmm", _MATMUL_INPUTS, ("out",), _HEADERS + ("affine_load.h",))
 _QMM_N = KernelSpec("affine_qmm_n", _MATMUL_INPUTS, ("out",), _HEADERS)
 _QMM_MMA = KernelSpec(
     "affine_qmm_mma",
     _MATMUL_INPUTS,
     ("out",),
-    _HEADERS + ("affine_mma.cuh",),
+    _MMA_HEADERS,
     body_file="affine_qmm_mma.cu",
     dialects=("cuda",),
 )
@@ -71,6 +81,12 @@ _THREADS = 256  # elementwise kernels: threads per threadgroup
 _SIMD = 32
 _QMV_SIMDGROUPS = 4  # kernels/affine_qmv.metal
 _QMV_MAX_ROWS = 8  # x rows one qmv tile carries (its XR)
+_QMV_MMA_ROWS = 16  # kernels/affine_qmv_mma.cu: weight rows per block
+_QMV_MMA_MAX_ROWS = 16  # and the x rows a block row carries (two n8 tiles)
+# It splits K over 8 warps rather than 4 when the grid alone would leave
+# SMs short of warps (a bandwidth-bound kernel needs loads in flight).
+_QMV_MMA_FEW_BLOCKS = 1024
+_QMV_MMA_UNROLL = 2  # units per lane with loads in flight together
 _QMM_TILE = (32, 64, 128)  # kernels/affine_qmm.metal (and _n): BM, BN, threads
 _MMA_TILE = (64, 128, 256)  # kernels/affine_qmm_mma.cu: BM, BN, threads
 # Its taller tile (BM = 128) halves the dequantization per output; it pays
@@ -562,31 +578,51 @@ def _shape_slots(lhs: tuple, rhs: tuple, m: int):
     )
 
 
+def _qmv_mma(stream, dtype) -> bool:
+    """Whether the mat-vec runs on tensor cores (CUDA, half or bfloat16)."""
+    return backend(stream) == "cuda" and dtype != mx.float32
+
+
+def _qmv_max_rows(stream, dtype) -> int:
+    """The most x rows per expert that the mat-vec kernel takes at once."""
+    return _QMV_MMA_MAX_ROWS if _qmv_mma(stream, dtype) else _QMV_MAX_ROWS
+
+
 def _qmv_kernel(
     x, w, scales, biases, slot_expert, slot_x, run, group_size, bits, out_shape, stream
 ):
     """The mat-vec kernel over per-slot arrays: ``out[s] = x[slot_x[s]] @
     W[slot_expert[s]].T``, taking up to ``run`` consecutive slots (a run of
-    one expert, at most 8) per threadgroup row."""
+    one expert, at most :func:`_qmv_max_rows`) per threadgroup row."""
     k = x.shape[-1]
     n = w.shape[-2]
     experts = w.size // (w.shape[-1] * n)
     slots = slot_x.size
-    x_rows = 1 << (min(max(run, 1), _QMV_MAX_ROWS) - 1).bit_length()
-    columns = _QMV_SIMDGROUPS * _qmv_rows_per_simdgroup(x_rows, bits)
+    max_rows = _qmv_max_rows(stream, x.dtype)
+    x_rows = 1 << (min(max(run, 1), max_rows) - 1).bit_length()
     n_tiles = -(-slots // x_rows)
-    threads = _QMV_SIMDGROUPS * _SIMD
     _check_grid_rows(n_tiles)
+    template = [
+        ("T", x.dtype),
+        ("bits", bits),
+        ("group_size", group_size),
+        ("XR", x_rows),
+    ]
+    if _qmv_mma(stream, x.dtype):
+        spec, columns = _QMV_MMA, _QMV_MMA_ROWS
+        blocks = -(-n // columns) * n_tiles
+        warps = 8 if blocks < _QMV_MMA_FEW_BLOCKS and k >= 64 * WORD_BITS else 4
+        template += [("KW", warps), ("UNROLL", _QMV_MMA_UNROLL)]
+        threads = warps * _SIMD
+    else:
+        spec = _QMV
+        columns = _QMV_SIMDGROUPS * _qmv_rows_per_simdgroup(x_rows, bits)
+        threads = _QMV_SIMDGROUPS * _SIMD
     return launch(
-        _QMV,
+        spec,
         [x, w, scales, biases, slot_expert, slot_x]
         + [_sizes(n, k, experts, x.size // k, slots)],
-        template=[
-            ("T", x.dtype),
-            ("bits", bits),
-            ("group_size", group_size),
-            ("XR", x_rows),
-        ],
+        template=template,
         grid=(ceil_to(n, columns) // columns * threads, n_tiles, 1),
         threadgroup=(threads, 1, 1),
         output_shapes=[out_shape],
@@ -617,9 +653,10 @@ def _matmul_rows_kernel(
         rows = len(rhs) * m
         experts = len(set(rhs))
         longest = max(rhs.count(e) for e in set(rhs)) * m
-    # Up to 8 rows per expert the mat-vec kernel wins: the tiled kernels
-    # spread work over N tiles only and would leave most of the GPU idle.
-    if transpose and rows <= _QMV_MAX_ROWS * experts:
+    # Up to 8 rows per expert (16 on tensor cores) the mat-vec kernel wins:
+    # the tiled kernels spread work over N tiles only and would leave most
+    # of the GPU idle.
+    if transpose and rows <= _qmv_max_rows(stream, dtype) * experts:
         if lhs is None:
             slot_expert, slot_x, run = _shape_slots((0,), (0,), rows)
         else:
@@ -921,8 +958,8 @@ def _gather_qmm_kernel(
             slot_x = (flat_lhs[:, None] * m + rows).reshape(-1)
         # The mat-vec kernel validates each index itself (NaN rows for bad
         # ones). Sorted indices come in runs of one expert: a threadgroup
-        # then reads each weight once for up to 8 rows.
-        run = _QMV_MAX_ROWS if sorted_indices else m
+        # then reads each weight once for up to 8 (16) rows.
+        run = _qmv_max_rows(stream, x.dtype) if sorted_indices else m
         return _qmv_kernel(
             x,
             w,

@@ -196,6 +196,22 @@ def test_quantized_matmul_bits_and_groups(path, bits, group_size):
 
 @pytest.mark.parametrize("dtype", (mx.float16, mx.bfloat16), ids=("f16", "bf16"))
 @pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("group_size", GROUP_SIZES)
+def test_quantized_matmul_decode_bits(path, dtype, bits, group_size):
+    # The decode kernels at every width in half and bfloat16 (on CUDA the
+    # tensor-core mat-vec, which pairs codes differently per width): N not
+    # a multiple of its 16-row tile, K an odd number of 32-value units so
+    # the split over warps and lanes is uneven, one and two n8 tiles of x.
+    n, k = 37, 11 * group_size
+    kind = KINDS[bits % len(KINDS)]
+    w_q, scales, biases = _weights((n, k), dtype, group_size, bits, kind, bits)
+    for m in (1, 13):
+        x = _x((m, k), dtype, seed=m + bits)
+        _check_matmul(x, w_q, scales, biases, True, group_size, bits, f"m={m}")
+
+
+@pytest.mark.parametrize("dtype", (mx.float16, mx.bfloat16), ids=("f16", "bf16"))
+@pytest.mark.parametrize("bits", BITS)
 def test_quantized_matmul_prefill_bits(path, dtype, bits):
     # Many rows per weight (the tiled kernel), N not a multiple of its tile.
     group_size, n, k = 64, 200, 128
@@ -645,16 +661,20 @@ def test_dispatcher_picks_kernel_by_shape():
             mx.zeros((m, 256), dtype), w_q, scales.astype(dtype), biases.astype(dtype)
         )
 
-    assert picked(qmm(1)) == [("affine_qmv", 1)]
-    assert picked(qmm(3)) == [("affine_qmv", 4)]
-    assert picked(qmm(5)) == [("affine_qmv", 8)]
-    assert picked(qmm(8)) == [("affine_qmv", 8)]
-    assert picked(qmm(9)) == [("affine_qmm_mma", None)]
+    # Half and bfloat16 decode runs on tensor cores (up to 16 rows), float32
+    # on the portable mat-vec (up to 8).
+    assert picked(qmm(1)) == [("affine_qmv_mma", 1)]
+    assert picked(qmm(3)) == [("affine_qmv_mma", 4)]
+    assert picked(qmm(8)) == [("affine_qmv_mma", 8)]
+    assert picked(qmm(16)) == [("affine_qmv_mma", 16)]
+    assert picked(qmm(17)) == [("affine_qmm_mma", None)]
     tall = record_launches(qmm(128))
     assert [dict(l.template)["BM"] for l in tall] == [128]
+    assert picked(qmm(1, mx.float32)) == [("affine_qmv", 1)]
+    assert picked(qmm(3, mx.float32)) == [("affine_qmv", 4)]
+    assert picked(qmm(5, mx.float32)) == [("affine_qmv", 8)]
     assert picked(qmm(8, mx.float32)) == [("affine_qmv", 8)]
     assert picked(qmm(9, mx.float32)) == [("affine_qmm", None)]
-    assert picked(qmm(17)) == [("affine_qmm_mma", None)]
     transposed = lambda: mqo.quantized_matmul(
         mx.zeros((3, 300), mx.float32),
         w_q,
@@ -667,7 +687,7 @@ def test_dispatcher_picks_kernel_by_shape():
     one_token = lambda: mqo.gather_qmm(
         mx.zeros((1, 1, 1, 256), mx.float16), *experts, rhs_indices=mx.array([[1, 5]])
     )
-    assert picked(one_token) == [("affine_qmv", 1)]
+    assert picked(one_token) == [("affine_qmv_mma", 1)]
     routes = mx.array(np.sort(np.random.default_rng(0).integers(0, 8, 512)))
     many_tokens = lambda: mqo.gather_qmm(
         mx.zeros((512, 1, 256), mx.float16),
@@ -675,10 +695,10 @@ def test_dispatcher_picks_kernel_by_shape():
         rhs_indices=routes,
         sorted_indices=True,
     )
-    # Sorted routes: runs of one expert, up to 8 rows per weight read, with
+    # Sorted routes: runs of one expert, up to 16 rows per weight read, with
     # the runs found on the device (no host read of the indices).
-    assert picked(many_tokens) == [("affine_qmv", 8)]
+    assert picked(many_tokens) == [("affine_qmv_mma", 16)]
     unsorted = lambda: mqo.gather_qmm(
         mx.zeros((64, 1, 256), mx.float16), *experts, rhs_indices=routes[::-8]
     )
-    assert picked(unsorted) == [("affine_qmv", 1)]
+    assert picked(unsorted) == [("affine_qmv_mma", 1)]

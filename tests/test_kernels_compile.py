@@ -86,7 +86,16 @@ def exercise_affine():
     for dtype in FLOATS:
         for group_size in mqo.affine.AFFINE_GROUP_SIZES:
             outputs += _affine_calls(dtype, 4, group_size, prefill=group_size == 64)
+    for bits in mqo.affine.AFFINE_BITS:
+        # bfloat16 decode at every width (8 bits takes another dequantizer
+        # on tensor cores), with one and two n8 tiles of x rows.
+        outputs += _affine_calls(mx.bfloat16, bits, 64, (1, 13), prefill=False)
     outputs += _affine_calls(mx.bfloat16, 4, 64, decode_rows=(2, 3, 8), prefill=False)
+    # A long K on a short N: the tensor-core mat-vec splits K over 8 warps.
+    w_q, scales, biases = mqo.quantize(mx.zeros((16, 4096), mx.float16))
+    outputs.append(
+        mqo.quantized_matmul(mx.zeros((1, 4096), mx.float16), w_q, scales, biases)
+    )
     return outputs
 
 
@@ -143,6 +152,7 @@ def test_recorder_sees_every_affine_kernel():
         "affine_quantize",
         "affine_dequantize",
         "affine_qmv",
+        "affine_qmv_mma",
         "affine_qmm",
         "affine_qmm_n",
         "affine_qmm_mma",

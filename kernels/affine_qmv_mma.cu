@@ -1,0 +1,214 @@
+// MLX affine mat-vec on tensor cores (CUDA only; half and bfloat16): the
+// decode and MoE-decode kernel of the cuda path, with the inputs and the
+// slot semantics of affine_qmv.metal (the portable body, which the tests
+// hold it to): out[s] = x[slot_x[s]] @ W[slot_expert[s]].T for every slot s.
+//
+// Why tensor cores for a mat-vec: the work per weight byte is what limits a
+// decode on the H100 (unpacking, scaling, multiplying), not the multiply
+// count. One mma.sync m16n8k16 takes 16 weight rows x 16 values against up
+// to 8 x rows at once, so dequantizing each weight once in packed half
+// arithmetic (affine_weight_pair, three instructions per two weights) is
+// all the per-weight work, for 1 x row or 16.
+//
+// Block: 16 weight rows (one m16 tile), KW warps splitting K. Lane (g, t)
+// (g = lane / 4, t = lane % 4) owns rows g and g + 8 and, in turn, the units
+// (32 values, `bits` words) u = first + 4 i + t of its warp's range, so the
+// four lanes of a row read 4 consecutive units. A unit gives 16 weight pairs
+// and 8 mma steps; step s takes pairs 2s and 2s + 1 as the k-columns
+// {2t, 2t + 1} and {2t + 8, 2t + 9} of the A fragment, and the activations
+// of the same pairs as the B fragment of x rows (columns) g. The dot product
+// does not care in which order k runs, only that A and B agree.
+// Slots: a block row takes XR consecutive slots (8 per n8 tile) and walks
+// them in runs that share an expert, as affine_qmv.metal does; an expert or
+// x row out of range reads nothing and gives a NaN output row.
+// The KW partial sums meet in shared memory at the end of each run.
+// Template: T (__half or __nv_bfloat16), bits, group_size, XR (1..16), KW,
+// UNROLL (trips whose loads are in flight together).
+// Inputs: x [x rows, K], w [experts * N, K * bits / 32], scales, biases
+// [experts * N, K / group_size], slot_expert, slot_x [slots] (any integer
+// type), params [N, K, experts, x rows, slots]. Output: out [slots, N].
+typedef AffineMma<T> Mma;
+typedef typename Mma::T2 T2;
+typedef AffinePairs<bits> Pairs;
+constexpr int XT = (XR + 7) / 8;  // n8 tiles of x rows
+constexpr int ROWS = 16;  // weight rows per block
+constexpr int COLS = 8 * XT;
+__shared__ float partial[KW][ROWS][COLS + 1];
+const int N = params[0];
+const int K = params[1];
+const int experts = params[2];
+const int x_rows = params[3];
+const int slots = params[4];
+const int lane = threadIdx.x & 31;
+const int warp = threadIdx.x >> 5;
+const int g = lane >> 2;
+const int t = lane & 3;
+const int n0 = blockIdx.x * ROWS;
+const int slot0 = blockIdx.y * XR;
+const int count = min(XR, slots - slot0);
+const int units = K / AFFINE_UNIT;
+const int words_per_row = K / AFFINE_UNIT * bits;
+const int groups_per_row = K / group_size;
+const int u_first = warp * units / KW;
+const int u_last = (warp + 1) * units / KW;
+// Every lane of a warp makes the same number of trips (mma.sync needs the
+// whole warp); lanes past the warp's range add zeros.
+const int trips = (u_last - u_first + 3) / 4;
+const float nan_value = __int_as_float(0x7FC00000);
+
+for (int run = 0; run < count;) {
+  // Indices compare as 64-bit signed values, so a uint32 index past
+  // INT_MAX is out of range rather than negative.
+  const long long expert = static_cast<long long>(slot_expert[slot0 + run]);
+  int run_end = run + 1;
+  while (run_end < count &&
+         static_cast<long long>(slot_expert[slot0 + run_end]) == expert) {
+    ++run_end;
+  }
+  const int run_len = run_end - run;
+  const bool expert_ok = expert >= 0 && expert < experts;
+  const size_t row_base = static_cast<size_t>(expert_ok ? expert : 0) * N;
+  // Rows past N read row N - 1 (never stored).
+  const size_t row_lo = row_base + min(n0 + g, N - 1);
+  const size_t row_hi = row_base + min(n0 + g + 8, N - 1);
+  const uint32_t* w_lo = w + row_lo * words_per_row;
+  const uint32_t* w_hi = w + row_hi * words_per_row;
+  const T* s_lo = scales + row_lo * groups_per_row;
+  const T* s_hi = scales + row_hi * groups_per_row;
+  const T* b_lo = biases + row_lo * groups_per_row;
+  const T* b_hi = biases + row_hi * groups_per_row;
+  // x row of column g of each n8 tile. Columns past the run and bad rows
+  // read row 0: a column of B only feeds the same column of C, and those
+  // are never stored (or stored as NaN).
+  const T* xp[XT];
+#pragma unroll
+  for (int j = 0; j < XT; ++j) {
+    const int col = 8 * j + g;
+    long long xrow = -1;
+    if (col < run_len) {
+      xrow = static_cast<long long>(slot_x[slot0 + run + col]);
+    }
+    const bool ok = expert_ok && xrow >= 0 && xrow < x_rows;
+    xp[j] = x + static_cast<size_t>(ok ? xrow : 0) * K;
+  }
+
+  // One accumulator set per unrolled trip: the mma of different trips
+  // then form independent chains the scheduler can interleave.
+  float acc[UNROLL][XT][4];
+#pragma unroll
+  for (int r = 0; r < UNROLL; ++r) {
+#pragma unroll
+    for (int j = 0; j < XT; ++j) {
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {
+        acc[r][j][c] = 0.0f;
+      }
+    }
+  }
+  // UNROLL trips at a time: all their loads are issued before any of
+  // their math, without branches (a lane past its range reads a clamped
+  // unit and zeroes it by its scales and activations), so each warp keeps
+  // UNROLL units of two rows in flight.
+  for (int trip0 = 0; trip0 < trips; trip0 += UNROLL) {
+    uint32_t words_lo[UNROLL][bits];
+    uint32_t words_hi[UNROLL][bits];
+    T s_l[UNROLL], b_l[UNROLL], s_h[UNROLL], b_h[UNROLL];
+    uint32_t xw[UNROLL][XT][16];
+    bool in_range[UNROLL];
+#pragma unroll
+    for (int r = 0; r < UNROLL; ++r) {
+      const int u = u_first + 4 * (trip0 + r) + t;
+      in_range[r] = u < u_last && trip0 + r < trips;
+      const int uc = min(u, u_last - 1);
+      AffineUnit<bits>::load(w_lo + uc * bits, words_lo[r]);
+      AffineUnit<bits>::load(w_hi + uc * bits, words_hi[r]);
+      const int grp = uc * AFFINE_UNIT / group_size;
+      s_l[r] = s_lo[grp];
+      b_l[r] = b_lo[grp];
+      s_h[r] = s_hi[grp];
+      b_h[r] = b_hi[grp];
+#pragma unroll
+      for (int j = 0; j < XT; ++j) {
+        if (j == 0 || 8 * j < run_len) {  // uniform across the warp
+          const uint4* xv = reinterpret_cast<const uint4*>(xp[j] + uc * AFFINE_UNIT);
+#pragma unroll
+          for (int q = 0; q < 4; ++q) {
+            const uint4 v = xv[q];
+            xw[r][j][4 * q] = v.x;
+            xw[r][j][4 * q + 1] = v.y;
+            xw[r][j][4 * q + 2] = v.z;
+            xw[r][j][4 * q + 3] = v.w;
+          }
+        }
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < UNROLL; ++r) {
+      // A lane past its range: zero weights (zero scale and bias) times
+      // the activations of a unit in range, which are finite unless x is
+      // not (and then the product is not finite either way).
+      const T zero = static_cast<T>(0.0f);
+      const T sl = in_range[r] ? s_l[r] : zero;
+      const T bl = in_range[r] ? b_l[r] : zero;
+      const T sh = in_range[r] ? s_h[r] : zero;
+      const T bh = in_range[r] ? b_h[r] : zero;
+      const T2 sl2 = Mma::splat(sl), bl2 = Mma::splat(bl);
+      const T2 sh2 = Mma::splat(sh), bh2 = Mma::splat(bh);
+      const float slf = static_cast<float>(sl), blf = static_cast<float>(bl);
+      const float shf = static_cast<float>(sh), bhf = static_cast<float>(bh);
+#pragma unroll
+      for (int s = 0; s < AFFINE_UNIT / 4; ++s) {
+        uint32_t a[4];
+        a[0] = affine_weight_pair<T, bits>(words_lo[r], 2 * s, sl2, bl2, slf, blf);
+        a[1] = affine_weight_pair<T, bits>(words_hi[r], 2 * s, sh2, bh2, shf, bhf);
+        a[2] = affine_weight_pair<T, bits>(words_lo[r], 2 * s + 1, sl2, bl2, slf, blf);
+        a[3] = affine_weight_pair<T, bits>(words_hi[r], 2 * s + 1, sh2, bh2, shf, bhf);
+#pragma unroll
+        for (int j = 0; j < XT; ++j) {
+          if (j == 0 || 8 * j < run_len) {  // uniform across the warp
+            uint32_t b[2];
+            b[0] = Pairs::x_pair(xw[r][j], 2 * s);
+            b[1] = Pairs::x_pair(xw[r][j], 2 * s + 1);
+            Mma::mma(acc[r][j], a, b);
+          }
+        }
+      }
+    }
+  }
+
+  // C fragment: acc[.][j][0..1] are row g, columns 8j + 2t and + 1;
+  // acc[.][j][2..3] the same columns of row g + 8.
+#pragma unroll
+  for (int j = 0; j < XT; ++j) {
+#pragma unroll
+    for (int r = 1; r < UNROLL; ++r) {
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {
+        acc[0][j][c] += acc[r][j][c];
+      }
+    }
+    const int col = 8 * j + 2 * t;
+    partial[warp][g][col] = acc[0][j][0];
+    partial[warp][g][col + 1] = acc[0][j][1];
+    partial[warp][g + 8][col] = acc[0][j][2];
+    partial[warp][g + 8][col + 1] = acc[0][j][3];
+  }
+  __syncthreads();
+  for (int e = threadIdx.x; e < ROWS * COLS; e += 32 * KW) {
+    const int r = e % ROWS;  // consecutive threads: consecutive outputs
+    const int col = e / ROWS;
+    if (col < run_len && n0 + r < N) {
+      float sum = 0.0f;
+#pragma unroll
+      for (int kw = 0; kw < KW; ++kw) {
+        sum += partial[kw][r][col];
+      }
+      const long long xrow = static_cast<long long>(slot_x[slot0 + run + col]);
+      const bool ok = expert_ok && xrow >= 0 && xrow < x_rows;
+      out[static_cast<size_t>(slot0 + run + col) * N + n0 + r] =
+          static_cast<T>(ok ? sum : nan_value);
+    }
+  }
+  __syncthreads();
+  run = run_end;
+}
