@@ -5,14 +5,17 @@
 // Block: 256 threads (8 warps) computing BM (64 or 128) rows x BN = 128
 // columns.
 // Per K step of BK = 32 values (one unit, inside one group) the block
-// stages the activations (raw T) and the weights dequantized to T in shared
-// memory, double-buffered, rows padded to 40 values so the fragment loads
-// below hit 32 distinct banks. Global loads run two steps ahead (two
+// stages the activations (raw T) and the weights dequantized to T (packed
+// arithmetic, affine_weight_neighbours) in shared memory, double-buffered,
+// rows padded to 40 values (80 bytes) so the eight 16-byte rows an
+// ldmatrix phase reads fall in distinct banks. Global loads run two steps ahead (two
 // register sets); step k + 1 is dequantized and staged right after the mma
 // work of step k, so one barrier per step suffices. Warp (wm, wn) owns
 // rows BM/2 wm .. +BM/2 and columns 32 wn .. +32: BM/32 x 4 mma.sync
 // m16n8k16 tiles with float accumulators.
 // Template: T (__half or __nv_bfloat16), bits, group_size, BM.
+typedef AffineMma<T> Mma;
+typedef typename Mma::T2 T2;
 constexpr int MT = BM / 32;  // m16 tiles per warp
 constexpr int X_CHUNKS = BM / 64;  // 16-byte activation chunks per thread
 constexpr int BN = 128;
@@ -79,20 +82,21 @@ auto stage = [&](const Fetched& f, int buf) {
     *reinterpret_cast<uint4*>(&xs[buf][x_row[c] * LDS + x_col]) =
         x_valid[c] ? f.x_raw[c] : make_uint4(0u, 0u, 0u, 0u);
   }
+  // Packed dequantization (affine_weight_neighbours: three instructions a
+  // pair and one permute) of this thread's 16 values; the half is uniform
+  // per warp, so both branches keep every index constant.
+  const T2 scale2 = Mma::splat(static_cast<T>(f.scale));
+  const T2 bias2 = Mma::splat(static_cast<T>(f.bias));
   uint32_t pairs[8];
   if (w_half == 0) {
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
-      float lo = fmaf(affine_code_float(affine_code<bits>(f.words, 2 * i)), f.scale, f.bias);
-      float hi = fmaf(affine_code_float(affine_code<bits>(f.words, 2 * i + 1)), f.scale, f.bias);
-      pairs[i] = AffineMma<T>::pack(lo, hi);
+      pairs[i] = affine_weight_neighbours<T, bits>(f.words, i, scale2, bias2, f.scale, f.bias);
     }
   } else {
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
-      float lo = fmaf(affine_code_float(affine_code<bits>(f.words, 16 + 2 * i)), f.scale, f.bias);
-      float hi = fmaf(affine_code_float(affine_code<bits>(f.words, 17 + 2 * i)), f.scale, f.bias);
-      pairs[i] = AffineMma<T>::pack(lo, hi);
+      pairs[i] = affine_weight_neighbours<T, bits>(f.words, 8 + i, scale2, bias2, f.scale, f.bias);
     }
   }
   uint4* dst = reinterpret_cast<uint4*>(&ws[buf][w_row * LDS + 16 * w_half]);
@@ -123,19 +127,24 @@ auto mma_step = [&](int buf) {
   for (int kk = 0; kk < BK; kk += 16) {
     uint32_t a[MT][4];
     uint32_t b[4][2];
+    // Fragments by ldmatrix: A (x rows) one x4 per m16 tile, lanes 0-15
+    // rows 0-15 at k, lanes 16-31 the same rows at k + 8; B (weight rows
+    // as columns) one x4 per pair of n8 tiles, lanes 0-7 / 8-15 the first
+    // tile's rows at k / k + 8, lanes 16-31 the second tile's.
 #pragma unroll
     for (int i = 0; i < MT; ++i) {
-      const int r = wm * (BM / 2) + i * 16 + g;
-      a[i][0] = *reinterpret_cast<const uint32_t*>(&xb[r * LDS + kk + t2]);
-      a[i][1] = *reinterpret_cast<const uint32_t*>(&xb[(r + 8) * LDS + kk + t2]);
-      a[i][2] = *reinterpret_cast<const uint32_t*>(&xb[r * LDS + kk + t2 + 8]);
-      a[i][3] = *reinterpret_cast<const uint32_t*>(&xb[(r + 8) * LDS + kk + t2 + 8]);
+      const int r = wm * (BM / 2) + i * 16 + (lane & 15);
+      affine_ldmatrix_x4(a[i], &xb[r * LDS + kk + 8 * (lane >> 4)]);
     }
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const int n = wn * 32 + j * 8 + g;
-      b[j][0] = *reinterpret_cast<const uint32_t*>(&wb[n * LDS + kk + t2]);
-      b[j][1] = *reinterpret_cast<const uint32_t*>(&wb[n * LDS + kk + t2 + 8]);
+    for (int jj = 0; jj < 2; ++jj) {
+      const int n = wn * 32 + jj * 16 + (lane & 7) + 8 * (lane >> 4);
+      uint32_t frag[4];
+      affine_ldmatrix_x4(frag, &wb[n * LDS + kk + 8 * ((lane >> 3) & 1)]);
+      b[2 * jj][0] = frag[0];
+      b[2 * jj][1] = frag[1];
+      b[2 * jj + 1][0] = frag[2];
+      b[2 * jj + 1][1] = frag[3];
     }
 #pragma unroll
     for (int i = 0; i < MT; ++i) {

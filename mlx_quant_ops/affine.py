@@ -947,19 +947,28 @@ def _gather_qmm_kernel(
     m, k = x.shape[-2:]
     out_shape = (*lhs_indices.shape, m, w.shape[-2] if transpose else None)
     if transpose:
-        slot_expert = rhs_indices.reshape(-1)
         if m == 1:
-            # The kernel reads any integer dtype as a 64-bit index itself.
-            slot_x = lhs_indices.reshape(-1)
+            # The kernel reads the index arrays flat, in any integer dtype,
+            # as 64-bit values: they go in as they are (a reshape would be
+            # one more graph node per MoE call).
+            slot_expert, slot_x = rhs_indices, lhs_indices
         else:
             flat_lhs = lhs_indices.reshape(-1).astype(mx.int64, stream=stream)
-            slot_expert = mx.repeat(slot_expert, m, stream=stream)
+            slot_expert = mx.repeat(rhs_indices.reshape(-1), m, stream=stream)
             rows = mx.arange(m, dtype=mx.int64, stream=stream)
             slot_x = (flat_lhs[:, None] * m + rows).reshape(-1)
         # The mat-vec kernel validates each index itself (NaN rows for bad
         # ones). Sorted indices come in runs of one expert: a threadgroup
-        # then reads each weight once for up to 8 (16) rows.
-        run = _qmv_max_rows(stream, x.dtype) if sorted_indices else m
+        # then reads each weight once for up to 8 (16) rows. A threadgroup
+        # walks the runs in its rows one after another, so its row count
+        # follows the average run the shapes promise (rows per expert), not
+        # the most it could take: 64 rows over 128 experts are mostly runs
+        # of one, and 16 of them in a row would be 16 passes in series.
+        run = m
+        if sorted_indices:
+            experts = w.size // (w.shape[-1] * w.shape[-2])
+            per_expert = max(1, rhs_indices.size * m // experts)
+            run = min(_qmv_max_rows(stream, x.dtype), per_expert)
         return _qmv_kernel(
             x,
             w,

@@ -15,6 +15,8 @@ $T tests/test_affine.py -k "matmul_shapes or batch_dims or mixed or defaults or 
 $T tests/test_affine.py -k "bits_and_groups" > "$out/gpu_aff4.txt" 2>&1 &
 $T tests/test_affine.py -k "prefill_bits" > "$out/gpu_aff5.txt" 2>&1 &
 $T tests/test_affine.py -k "gather or gradient" > "$out/gpu_aff6.txt" 2>&1 &
+$T tests/test_affine.py -k "decode_bits and f16" > "$out/gpu_aff7.txt" 2>&1 &
+$T tests/test_affine.py -k "decode_bits and bf16" > "$out/gpu_aff8.txt" 2>&1 &
 wait
 echo "GPU tests took $(( $(date +%s) - start )) s"
 for f in "$out"/gpu_*.txt; do echo "== $(basename "$f"): $(tail -1 "$f")"; done

@@ -698,6 +698,15 @@ def test_dispatcher_picks_kernel_by_shape():
     # Sorted routes: runs of one expert, up to 16 rows per weight read, with
     # the runs found on the device (no host read of the indices).
     assert picked(many_tokens) == [("affine_qmv_mma", 16)]
+    # Fewer sorted rows than experts are mostly runs of one: one slot per
+    # threadgroup row rather than 16 runs walked in series.
+    few_tokens = lambda: mqo.gather_qmm(
+        mx.zeros((6, 1, 256), mx.float16),
+        *experts,
+        rhs_indices=mx.array([0, 1, 2, 4, 6, 7]),
+        sorted_indices=True,
+    )
+    assert picked(few_tokens) == [("affine_qmv_mma", 1)]
     unsorted = lambda: mqo.gather_qmm(
         mx.zeros((64, 1, 256), mx.float16), *experts, rhs_indices=routes[::-8]
     )
