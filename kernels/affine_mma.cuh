@@ -26,16 +26,7 @@ struct AffineMma<__half> {
   static __device__ __forceinline__ T2 splat(__half v) {
     return __half2half2(v);
   }
-  static __device__ __forceinline__ unsigned int
-  dequant(unsigned int raw, T2 scale, T2 bias) {
-    const unsigned int magic = 0x64006400u;  // 1024.0 in each half
-    unsigned int biased = raw | magic;
-    T2 codes = __hsub2(
-        *reinterpret_cast<T2*>(&biased),
-        *reinterpret_cast<const T2*>(&magic));
-    T2 w = __hfma2(codes, scale, bias);
-    return *reinterpret_cast<unsigned int*>(&w);
-  }
+  static constexpr unsigned int magic = 0x64006400u;  // 1024.0 in each half
   // d (16x8, f32) += a (16x16, row-major f16) * b (16x8, column-major f16)
   static __device__ __forceinline__ void
   mma(float* d, const unsigned int* a, const unsigned int* b) {
@@ -58,16 +49,7 @@ struct AffineMma<__nv_bfloat16> {
   static __device__ __forceinline__ T2 splat(__nv_bfloat16 v) {
     return __bfloat162bfloat162(v);
   }
-  static __device__ __forceinline__ unsigned int
-  dequant(unsigned int raw, T2 scale, T2 bias) {
-    const unsigned int magic = 0x43004300u;  // 128.0 in each bfloat16
-    unsigned int biased = raw | magic;
-    T2 codes = __hsub2(
-        *reinterpret_cast<T2*>(&biased),
-        *reinterpret_cast<const T2*>(&magic));
-    T2 w = __hfma2(codes, scale, bias);
-    return *reinterpret_cast<unsigned int*>(&w);
-  }
+  static constexpr unsigned int magic = 0x43004300u;  // 128.0 in each bf16
   static __device__ __forceinline__ void
   mma(float* d, const unsigned int* a, const unsigned int* b) {
     asm volatile(
@@ -77,6 +59,21 @@ struct AffineMma<__nv_bfloat16> {
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
   }
 };
+
+// Two codes (halves of raw) to two weights: see the top of this file.
+template <typename T>
+__device__ __forceinline__ unsigned int affine_dequant_pair(
+    unsigned int raw,
+    typename AffineMma<T>::T2 scale,
+    typename AffineMma<T>::T2 bias) {
+  typedef typename AffineMma<T>::T2 T2;
+  const unsigned int magic = AffineMma<T>::magic;
+  unsigned int biased = raw | magic;
+  T2 codes = __hsub2(
+      *reinterpret_cast<T2*>(&biased), *reinterpret_cast<const T2*>(&magic));
+  T2 w = __hfma2(codes, scale, bias);
+  return *reinterpret_cast<unsigned int*>(&w);
+}
 
 // How a 32-value unit (bits words) splits into 16 pairs of codes for the
 // packed arithmetic above. Where codes do not straddle words (1, 2, 4, 8
@@ -142,7 +139,7 @@ __device__ __forceinline__ unsigned int affine_weight_pair(
     float bias) {
   const unsigned int raw = AffinePairs<bits>::raw(words, p);
   if constexpr (bits <= AffineMma<T>::magic_bits) {
-    return AffineMma<T>::dequant(raw, scale2, bias2);
+    return affine_dequant_pair<T>(raw, scale2, bias2);
   } else {
     float lo = fmaf(affine_code_float(raw & 0xFFFFu), scale, bias);
     float hi = fmaf(affine_code_float(raw >> 16), scale, bias);
