@@ -118,7 +118,7 @@ for (int run = 0; run < count;) {
 #pragma unroll
     for (int r = 0; r < UNROLL; ++r) {
       const int u = u_first + 4 * (trip0 + r) + t;
-      in_range[r] = u < u_last && trip0 + r < trips;
+      in_range[r] = u < u_last;  // past the last trip, u is past u_last too
       const int uc = min(u, u_last - 1);
       AffineUnit<bits>::load(w_lo + uc * bits, words_lo[r]);
       AffineUnit<bits>::load(w_hi + uc * bits, words_hi[r]);

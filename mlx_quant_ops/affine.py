@@ -596,7 +596,7 @@ def _qmv_kernel(
     one expert, at most :func:`_qmv_max_rows`) per threadgroup row."""
     k = x.shape[-1]
     n = w.shape[-2]
-    experts = w.size // (w.shape[-1] * n)
+    experts = _batch_size(w)
     slots = slot_x.size
     max_rows = _qmv_max_rows(stream, x.dtype)
     x_rows = 1 << (min(max(run, 1), max_rows) - 1).bit_length()
@@ -966,7 +966,7 @@ def _gather_qmm_kernel(
         # of one, and 16 of them in a row would be 16 passes in series.
         run = m
         if sorted_indices:
-            experts = w.size // (w.shape[-1] * w.shape[-2])
+            experts = _batch_size(w)
             per_expert = max(1, rhs_indices.size * m // experts)
             run = min(_qmv_max_rows(stream, x.dtype), per_expert)
         return _qmv_kernel(
@@ -1098,7 +1098,7 @@ def _differentiable_gather_qmm(transpose, group_size, bits, sorted_indices, stre
             d_each = cot32.swapaxes(-1, -2) @ x_sel
         else:
             d_each = x_sel.swapaxes(-1, -2) @ cot32
-        experts = w.size // (w.shape[-1] * w.shape[-2])
+        experts = _batch_size(w)
         d_dense = mx.zeros((experts, *d_each.shape[-2:]), dtype=mx.float32)
         d_dense = d_dense.at[rhs.reshape(-1)].add(d_each)
         d_dense = d_dense.reshape(*w.shape[:-1], -1)
