@@ -28,7 +28,7 @@ import numpy as np
 
 from . import _validate as check
 from ._backend import StreamLike, backend, dispatch
-from ._kernels import KernelSpec, ceil_to, launch, sizes
+from ._kernels import KernelSpec, ceil_to, device_table, launch, sizes
 
 AFFINE_BITS = (1, 2, 3, 4, 5, 6, 8)
 AFFINE_GROUP_SIZES = (32, 64, 128)
@@ -564,7 +564,7 @@ def _sizes(*values):
 @functools.lru_cache(maxsize=256)
 def _shape_slots(lhs: tuple, rhs: tuple, m: int):
     """Slots of products ``x[lhs[p]] @ W[rhs[p]].T`` of ``m`` rows each, in
-    output order, from index tuples fixed by shapes alone: device arrays
+    output order, from index tuples fixed by shapes alone: device tables
     ``(slot_expert, slot_x)`` built once, and the longest run of
     consecutive slots sharing an expert."""
     experts = np.repeat(np.asarray(rhs, dtype=np.int64), m)
@@ -572,8 +572,8 @@ def _shape_slots(lhs: tuple, rhs: tuple, m: int):
     change = np.flatnonzero(np.r_[True, experts[1:] != experts[:-1], True])
     longest = int(np.diff(change).max())
     return (
-        mx.array(experts.astype(np.int32)),
-        mx.array(x_rows.astype(np.int32)),
+        device_table(experts.tolist()),
+        device_table(x_rows.tolist()),
         longest,
     )
 
@@ -588,16 +588,33 @@ def _qmv_max_rows(stream, dtype) -> int:
     return _QMV_MMA_MAX_ROWS if _qmv_mma(stream, dtype) else _QMV_MAX_ROWS
 
 
+def _qmv_mma_warps(blocks: int, k: int) -> int:
+    """Warps splitting K in a tensor-core mat-vec block: more when the
+    blocks alone would not fill the GPU and K is long enough to share."""
+    return 8 if blocks < _QMV_MMA_FEW_BLOCKS and k >= 64 * WORD_BITS else 4
+
+
 def _qmv_kernel(
-    x, w, scales, biases, slot_expert, slot_x, run, group_size, bits, out_shape, stream
+    x,
+    w,
+    scales,
+    biases,
+    slot_expert,
+    slot_x,
+    slots,
+    run,
+    group_size,
+    bits,
+    out_shape,
+    stream,
 ):
     """The mat-vec kernel over per-slot arrays: ``out[s] = x[slot_x[s]] @
-    W[slot_expert[s]].T``, taking up to ``run`` consecutive slots (a run of
-    one expert, at most :func:`_qmv_max_rows`) per threadgroup row."""
+    W[slot_expert[s]].T`` for the first ``slots`` entries, taking up to
+    ``run`` consecutive slots (a run of one expert, at most
+    :func:`_qmv_max_rows`) per threadgroup row."""
     k = x.shape[-1]
     n = w.shape[-2]
     experts = _batch_size(w)
-    slots = slot_x.size
     max_rows = _qmv_max_rows(stream, x.dtype)
     x_rows = 1 << (min(max(run, 1), max_rows) - 1).bit_length()
     n_tiles = -(-slots // x_rows)
@@ -611,7 +628,7 @@ def _qmv_kernel(
     if _qmv_mma(stream, x.dtype):
         spec, columns = _QMV_MMA, _QMV_MMA_ROWS
         blocks = -(-n // columns) * n_tiles
-        warps = 8 if blocks < _QMV_MMA_FEW_BLOCKS and k >= 64 * WORD_BITS else 4
+        warps = _qmv_mma_warps(blocks, k)
         template += [("KW", warps), ("UNROLL", _QMV_MMA_UNROLL)]
         threads = warps * _SIMD
     else:
@@ -668,6 +685,7 @@ def _matmul_rows_kernel(
             biases,
             slot_expert,
             slot_x,
+            rows,
             run,
             group_size,
             bits,
@@ -976,6 +994,7 @@ def _gather_qmm_kernel(
             biases,
             slot_expert,
             slot_x,
+            rhs_indices.size * m,
             run,
             group_size,
             bits,

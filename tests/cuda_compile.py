@@ -160,7 +160,7 @@ def recording():
         backend_module.kernel_stream,
         mx.fast.cuda_kernel,
     )
-    kernels_module._build.cache_clear()
+    kernels_module._build_once.cache_clear()
     backend_module.gpu_backend = lambda: "cuda"
     backend_module.kernel_stream = lambda stream: mx.default_stream(mx.cpu)
     mx.fast.cuda_kernel = recorder.cuda_kernel
@@ -173,7 +173,7 @@ def recording():
             backend_module.kernel_stream,
             mx.fast.cuda_kernel,
         ) = saved
-        kernels_module._build.cache_clear()
+        kernels_module._build_once.cache_clear()
 
 
 def record_launches(exercise: Callable[[], object]) -> List[Launch]:

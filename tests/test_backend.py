@@ -74,3 +74,30 @@ def test_environment_variable_rejects_unknown_names():
     assert (
         "environment variable MLX_QUANT_OPS_BACKEND: expected one of" in result.stderr
     )
+
+
+@pytest.mark.gpu
+def test_cuda_include_and_inline_sources_give_the_same_kernels():
+    # CUDA kernels normally reach MLX as #include lines; the inline text is
+    # the fallback where the package folder cannot be spelled in one. Both
+    # must build and compute the same thing.
+    if gpu_backend() != "cuda":
+        pytest.skip("CUDA only")
+    from mlx_quant_ops import _kernels
+
+    w = mx.random.normal((40, 256), key=mx.random.key(0)).astype(mx.float16)
+    x = mx.random.normal((3, 256), key=mx.random.key(1)).astype(mx.float16)
+    packed = mqo.quantize(w, 64, 4)
+    outputs = []
+    for includes in (True, False):
+        token = _kernels.CUDA_INCLUDES.set(includes)
+        try:
+            with mx.stream(mx.gpu):
+                out = mqo.quantized_matmul(x, *packed, True, 64, 4)
+                mx.eval(out)
+        finally:
+            _kernels.CUDA_INCLUDES.reset(token)
+        outputs.append(out)
+    expected = mx.quantized_matmul(x, *packed, True, 64, 4, stream=mx.cpu)
+    assert mx.array_equal(outputs[0], outputs[1]).item()
+    assert mx.allclose(outputs[0], expected, atol=1e-2, rtol=1e-2).item()

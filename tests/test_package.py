@@ -72,3 +72,73 @@ def test_compacted_sources_lose_only_comments_and_spacing():
         compacted = _kernels.compact(text)
         assert "//" not in compacted
         assert _tokens(compacted) == _tokens(text), path.name
+
+
+def _all_specs():
+    import mlx_quant_ops.affine as affine_module
+    import mlx_quant_ops.gguf as gguf_module
+
+    return [
+        v
+        for module in (affine_module, gguf_module)
+        for v in vars(module).values()
+        if isinstance(v, _kernels.KernelSpec)
+    ]
+
+
+def test_cuda_include_source_names_the_inline_files_in_order():
+    # On CUDA the kernel text MLX hashes per launch is a few #include lines
+    # (KernelSpec.cuda_include_source); they must pull in exactly the files
+    # the inline text is made of, in the same order, from this package.
+    for spec in _all_specs():
+        if "cuda" not in spec.dialects:
+            continue
+        header, body = spec.cuda_include_source()
+        included = [
+            line.split('"')[1]
+            for line in (header + body).splitlines()
+            if line.startswith("#include")
+        ]
+        folder = str(_kernels.kernel_dir())
+        assert included == [f"{folder}/{name}" for name in spec.files("cuda")]
+        assert all(Path(p).is_file() for p in included)
+        inline = _kernels.compact("\n".join(Path(p).read_text() for p in included[:-1]))
+        assert inline == spec.header_text("cuda")
+        assert _kernels.compact(Path(included[-1]).read_text()) == spec.body()
+        assert len(header) + len(body) < 1024
+
+
+def test_cuda_include_source_changes_with_the_files(monkeypatch):
+    # MLX caches compiled modules (in memory and on disk) by the kernel
+    # text; an edited header must give a new text, not a stale module.
+    spec = next(s for s in _all_specs() if s.name == "affine_qmv_mma")
+    before = spec.cuda_include_source()
+    original = _kernels.read_source
+
+    def edited(name):
+        text = original(name)
+        return text + "\n// edited\n" if name == "affine_mma.cuh" else text
+
+    monkeypatch.setattr(_kernels, "read_source", edited)
+    after = spec.cuda_include_source()
+    assert after[0] != before[0]
+
+
+def test_cuda_include_source_refuses_unspellable_folders(monkeypatch):
+    spec = _all_specs()[0]
+    for folder in ('/opt/a"b/kernels', "relative/kernels", "/opt/a\nb"):
+        monkeypatch.setattr(_kernels, "kernel_dir", lambda folder=folder: Path(folder))
+        assert spec.cuda_include_source() is None
+
+
+def test_kernel_tables_stay_out_of_mlx_host_scalar_pool():
+    # MLX's CUDA allocator keeps arrays of 8 bytes or less in host memory,
+    # which every threadgroup then reads across the bus; size and slot
+    # tables are padded past that.
+    from mlx_quant_ops import affine
+
+    assert _kernels.sizes(7).nbytes > 8
+    assert _kernels.sizes(1, 2).tolist()[:2] == [1, 2]
+    slot_expert, slot_x, longest = affine._shape_slots((0,), (0,), 1)
+    assert slot_expert.nbytes > 8 and slot_x.nbytes > 8 and longest == 1
+    assert slot_x.tolist()[0] == 0
