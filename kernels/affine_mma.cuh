@@ -185,3 +185,26 @@ affine_ldmatrix_x4(unsigned int* out, const void* shared_row) {
       : "=r"(out[0]), "=r"(out[1]), "=r"(out[2]), "=r"(out[3])
       : "r"(address));
 }
+
+// cp.async: 16 bytes from global to shared memory without passing through
+// registers; `valid` false writes zeros and reads nothing (the source must
+// still be a mapped address, so callers pass a clamped one).
+__device__ __forceinline__ void
+affine_cp_async16(void* shared_dst, const void* global_src, bool valid) {
+  const unsigned int address =
+      static_cast<unsigned int>(__cvta_generic_to_shared(shared_dst));
+  const int src_bytes = valid ? 16 : 0;
+  asm volatile(
+      "cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(address),
+      "l"(global_src),
+      "r"(src_bytes));
+}
+
+__device__ __forceinline__ void affine_cp_async_commit() {
+  asm volatile("cp.async.commit_group;\n" ::);
+}
+
+// Waits for every cp.async group this thread committed.
+__device__ __forceinline__ void affine_cp_async_wait_all() {
+  asm volatile("cp.async.wait_group 0;\n" ::);
+}

@@ -3,26 +3,31 @@
 // affine_qmm.metal (the portable body, which the tests hold it to).
 //
 // Block: 256 threads (8 warps) computing BM (64 or 128) rows x BN = 128
-// columns.
-// Per K step of BK = 32 values (one unit, inside one group) the block
-// stages the activations (raw T) and the weights dequantized to T (packed
-// arithmetic, affine_weight_neighbours) in shared memory, double-buffered,
-// rows padded to 40 values (80 bytes) so the eight 16-byte rows an
-// ldmatrix phase reads fall in distinct banks. Global loads run two steps ahead (two
-// register sets); step k + 1 is dequantized and staged right after the mma
-// work of step k, so one barrier per step suffices. Warp (wm, wn) owns
-// rows BM/2 wm .. +BM/2 and columns 32 wn .. +32: BM/32 x 4 mma.sync
-// m16n8k16 tiles with float accumulators.
+// columns, K in steps of BK = 64 values (two units), double-buffered in
+// shared memory (dynamic: AFFINE_MMA_SHARED_BYTES, set by the launcher),
+// rows padded to 72 values (144 bytes) so the eight 16-byte rows an
+// ldmatrix phase reads fall in distinct banks.
+// Activations go to shared memory by cp.async one step ahead, through no
+// registers. Weights are fetched into registers two steps ahead (two sets),
+// then dequantized (packed arithmetic, affine_weight_neighbours; thread
+// (row tid % 128, unit tid / 128) one whole unit) into shared memory right
+// after the mma work of the step before theirs, so one barrier per step
+// suffices. Warp (wm, wn) owns rows BM/2 wm .. +BM/2 and columns
+// 32 wn .. +32: BM/32 x 4 mma.sync m16n8k16 tiles with float accumulators.
+// K need only be a multiple of 32: a last step of one unit reads zeros for
+// the other (weights and activations both, so nothing past K is read).
 // Template: T (__half or __nv_bfloat16), bits, group_size, BM.
 typedef AffineMma<T> Mma;
 typedef typename Mma::T2 T2;
 constexpr int MT = BM / 32;  // m16 tiles per warp
-constexpr int X_CHUNKS = BM / 64;  // 16-byte activation chunks per thread
 constexpr int BN = 128;
-constexpr int BK = AFFINE_UNIT;
+constexpr int BK = 2 * AFFINE_UNIT;
 constexpr int LDS = BK + 8;
-__shared__ __align__(16) unsigned short xs[2][BM * LDS];
-__shared__ __align__(16) unsigned short ws[2][BN * LDS];
+constexpr int X_CHUNKS = BM * BK / 8 / 256;  // 16-byte activation chunks per thread
+extern __shared__ __align__(16) unsigned short affine_mma_shared[];
+unsigned short* xs[2] = {affine_mma_shared, affine_mma_shared + BM * LDS};
+unsigned short* ws[2] = {
+    affine_mma_shared + 2 * BM * LDS, affine_mma_shared + 2 * BM * LDS + BN * LDS};
 const int N = params[0];
 const int K = params[1];
 const int tid = threadIdx.x;
@@ -33,75 +38,76 @@ const int expert = tiles[3 * tile];
 const int slot0 = tiles[3 * tile + 1];
 const int count = tiles[3 * tile + 2];
 const int n0 = blockIdx.y * BN;
-const int words_per_row = K / AFFINE_UNIT * bits;
+const int units = K / AFFINE_UNIT;
+const int words_per_row = units * bits;
 const int groups_per_row = K / group_size;
 
-// Weight loader: one row per thread, half of its unit (16 values) each;
-// the half is uniform per warp.
+// Weight loader: one row and one of the step's two units per thread (the
+// unit is uniform per warp).
 const int w_row = tid % BN;
-const int w_half = tid / BN;
+const int w_unit = tid / BN;
 const size_t w_index = static_cast<size_t>(expert) * N + min(n0 + w_row, N - 1);
 const uint32_t* wp = w + w_index * words_per_row;
 const T* sp = scales + w_index * groups_per_row;
 const T* bp = biases + w_index * groups_per_row;
-// Activation loader: 8 values (16 bytes) per chunk, 4 threads per row,
-// rows tid / 4 + 64 c.
-const int x_col = (tid & 3) * 8;
+// Activation loader: 8 values (16 bytes) per chunk, 8 threads per row,
+// rows tid / 8 + 32 c.
+const int x_col = (tid & 7) * 8;
 int x_row[X_CHUNKS];
-bool x_valid[X_CHUNKS];
 const T* xp[X_CHUNKS];
 #pragma unroll
 for (int c = 0; c < X_CHUNKS; ++c) {
-  x_row[c] = (tid >> 2) + 64 * c;
-  x_valid[c] = x_row[c] < count;
-  xp[c] = x + static_cast<size_t>(slot_x[slot0 + min(x_row[c], count - 1)]) * K +
-      x_col;
+  x_row[c] = (tid >> 3) + 32 * c;
+  xp[c] = x + static_cast<size_t>(slot_x[slot0 + min(x_row[c], count - 1)]) * K;
 }
+auto load_x = [&](int k0, int buf) {
+  const int col = k0 + x_col;
+  const bool col_ok = col < K;
+#pragma unroll
+  for (int c = 0; c < X_CHUNKS; ++c) {
+    affine_cp_async16(
+        &xs[buf][x_row[c] * LDS + x_col],
+        xp[c] + (col_ok ? col : 0),
+        col_ok && x_row[c] < count);
+  }
+  affine_cp_async_commit();
+};
 
-// Two register sets of fetched data, so global loads run two K steps ahead
-// of their use (one step of mma work does not cover a trip to memory).
+// Two register sets of fetched weights, so their loads run two K steps
+// ahead of their use (one step of mma work does not cover a trip to DRAM).
 struct Fetched {
   uint32_t words[bits];
   float scale;
   float bias;
-  uint4 x_raw[X_CHUNKS];
+  bool valid;
 };
 Fetched stages[2];
 auto fetch = [&](Fetched& f, int k0) {
-  AffineUnit<bits>::load(wp + (k0 / AFFINE_UNIT) * bits, f.words);
-  f.scale = static_cast<float>(sp[k0 / group_size]);
-  f.bias = static_cast<float>(bp[k0 / group_size]);
-#pragma unroll
-  for (int c = 0; c < X_CHUNKS; ++c) {
-    f.x_raw[c] = *reinterpret_cast<const uint4*>(xp[c] + k0);
-  }
+  const int unit = k0 / AFFINE_UNIT + w_unit;
+  f.valid = unit < units;
+  const int uc = min(unit, units - 1);
+  AffineUnit<bits>::load(wp + uc * bits, f.words);
+  f.scale = static_cast<float>(sp[uc * AFFINE_UNIT / group_size]);
+  f.bias = static_cast<float>(bp[uc * AFFINE_UNIT / group_size]);
 };
 auto stage = [&](const Fetched& f, int buf) {
+  // A unit past K stages zeros (zero scale and bias), as its activations.
+  const float scale = f.valid ? f.scale : 0.0f;
+  const float bias = f.valid ? f.bias : 0.0f;
+  const T2 scale2 = Mma::splat(static_cast<T>(scale));
+  const T2 bias2 = Mma::splat(static_cast<T>(bias));
+  uint4* dst = reinterpret_cast<uint4*>(&ws[buf][w_row * LDS + AFFINE_UNIT * w_unit]);
+  // Two halves of eight pairs, so only eight results are live at once.
 #pragma unroll
-  for (int c = 0; c < X_CHUNKS; ++c) {
-    *reinterpret_cast<uint4*>(&xs[buf][x_row[c] * LDS + x_col]) =
-        x_valid[c] ? f.x_raw[c] : make_uint4(0u, 0u, 0u, 0u);
-  }
-  // Packed dequantization (affine_weight_neighbours: three instructions a
-  // pair and one permute) of this thread's 16 values; the half is uniform
-  // per warp, so both branches keep every index constant.
-  const T2 scale2 = Mma::splat(static_cast<T>(f.scale));
-  const T2 bias2 = Mma::splat(static_cast<T>(f.bias));
-  uint32_t pairs[8];
-  if (w_half == 0) {
+  for (int h = 0; h < 2; ++h) {
+    uint32_t pairs[8];
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
-      pairs[i] = affine_weight_neighbours<T, bits>(f.words, i, scale2, bias2, f.scale, f.bias);
+      pairs[i] = affine_weight_neighbours<T, bits>(f.words, 8 * h + i, scale2, bias2, scale, bias);
     }
-  } else {
-#pragma unroll
-    for (int i = 0; i < 8; ++i) {
-      pairs[i] = affine_weight_neighbours<T, bits>(f.words, 8 + i, scale2, bias2, f.scale, f.bias);
-    }
+    dst[2 * h] = make_uint4(pairs[0], pairs[1], pairs[2], pairs[3]);
+    dst[2 * h + 1] = make_uint4(pairs[4], pairs[5], pairs[6], pairs[7]);
   }
-  uint4* dst = reinterpret_cast<uint4*>(&ws[buf][w_row * LDS + 16 * w_half]);
-  dst[0] = make_uint4(pairs[0], pairs[1], pairs[2], pairs[3]);
-  dst[1] = make_uint4(pairs[4], pairs[5], pairs[6], pairs[7]);
 };
 
 const int wm = warp >> 2;
@@ -156,26 +162,37 @@ auto mma_step = [&](int buf) {
   }
 };
 
-// Step kt: mma on shared buffer kt % 2 while stages[(kt + 1) % 2] holds the
-// data of step kt + 1 and stages[kt % 2] is refilled with step kt + 2. The
-// loop is unrolled by two so every register index is static.
-const int k_steps = K / BK;
+// Step kt computes on shared buffer kt % 2. At its barrier, the
+// activations of step kt (cp.async, issued one step before) have landed
+// and its weights are staged; right after, the activations of step kt + 1
+// go out to the other buffer (read last in step kt - 1, before the
+// barrier), the weights of step kt + 2 are fetched into the register set
+// step kt's came from, and after the mma work step kt + 1's weights are
+// staged. The loop is unrolled by two so every register index is static.
+const int k_steps = (K + BK - 1) / BK;
 fetch(stages[0], 0);
 if (k_steps > 1) {
   fetch(stages[1], BK);
 }
+load_x(0, 0);
 stage(stages[0], 0);
-__syncthreads();
 for (int kt = 0; kt < k_steps; kt += 2) {
+  affine_cp_async_wait_all();
+  __syncthreads();
+  if (kt + 1 < k_steps) {
+    load_x((kt + 1) * BK, 1);
+  }
   if (kt + 2 < k_steps) {
     fetch(stages[0], (kt + 2) * BK);
   }
   mma_step(0);
   if (kt + 1 < k_steps) {
     stage(stages[1], 1);
-  }
-  __syncthreads();
-  if (kt + 1 < k_steps) {
+    affine_cp_async_wait_all();
+    __syncthreads();
+    if (kt + 2 < k_steps) {
+      load_x((kt + 2) * BK, 0);
+    }
     if (kt + 3 < k_steps) {
       fetch(stages[1], (kt + 3) * BK);
     }
@@ -183,7 +200,6 @@ for (int kt = 0; kt < k_steps; kt += 2) {
     if (kt + 2 < k_steps) {
       stage(stages[0], 0);
     }
-    __syncthreads();
   }
 }
 

@@ -96,6 +96,8 @@ class KernelSpec:
         dialects: the paths that can build it; a CUDA-only variant (say, a
             tensor-core kernel) lists ``("cuda",)`` and the op must not pick
             it elsewhere.
+        shared_memory: bytes of dynamic shared memory a CUDA launch gets
+            (``extern __shared__``; MLX lifts the 48 KB default above it).
     """
 
     name: str
@@ -104,6 +106,7 @@ class KernelSpec:
     headers: Tuple[str, ...] = ("common.h",)
     body_file: str = ""
     dialects: Tuple[str, ...] = ("metal", "cuda")
+    shared_memory: int = 0
 
     def header_text(self, dialect: str) -> str:
         """The prelude and family headers as one compacted text."""
@@ -179,6 +182,7 @@ def _build_once(spec: KernelSpec, dialect: str, includes: bool):
         output_names=list(spec.outputs),
         source=body,
         header=header,
+        shared_memory=spec.shared_memory,
     )
 
 

@@ -69,6 +69,9 @@ _QMV_MMA = KernelSpec(
 )
 _QMM = KernelSpec("affine_qmm", _MATMUL_INPUTS, ("out",), _HEADERS + ("affine_load.h",))
 _QMM_N = KernelSpec("affine_qmm_n", _MATMUL_INPUTS, ("out",), _HEADERS)
+# kernels/affine_qmm_mma.cu's dynamic shared memory: two buffers of BM
+# (at most 128) activation rows and BN = 128 weight rows, 72 halves each.
+_MMA_SHARED_BYTES = 2 * (128 + 128) * 72 * 2
 _QMM_MMA = KernelSpec(
     "affine_qmm_mma",
     _MATMUL_INPUTS,
@@ -76,6 +79,7 @@ _QMM_MMA = KernelSpec(
     _MMA_HEADERS,
     body_file="affine_qmm_mma.cu",
     dialects=("cuda",),
+    shared_memory=_MMA_SHARED_BYTES,
 )
 _THREADS = 256  # elementwise kernels: threads per threadgroup
 _SIMD = 32

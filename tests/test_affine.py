@@ -212,9 +212,12 @@ def test_quantized_matmul_decode_bits(path, dtype, bits, group_size):
 
 @pytest.mark.parametrize("dtype", (mx.float16, mx.bfloat16), ids=("f16", "bf16"))
 @pytest.mark.parametrize("bits", BITS)
-def test_quantized_matmul_prefill_bits(path, dtype, bits):
-    # Many rows per weight (the tiled kernel), N not a multiple of its tile.
-    group_size, n, k = 64, 200, 128
+@pytest.mark.parametrize("group_size", GROUP_SIZES)
+def test_quantized_matmul_prefill_bits(path, dtype, bits, group_size):
+    # Many rows per weight (the tiled kernel), N not a multiple of its tile,
+    # K an odd number of 32-value units (the tensor-core tile steps over K
+    # two units at a time, so its last step is half empty at group 32).
+    n, k = 200, 5 * group_size
     w_q, scales, biases = _weights((n, k), dtype, group_size, bits, seed=bits)
     for m in (40, 100, 201):  # the last one on the taller tensor-core tile
         x = _x((m, k), dtype, seed=m)
