@@ -13,9 +13,10 @@ $T tests/test_affine.py -k "quantize_dequantize and f32" > "$out/gpu_aff1.txt" 2
 $T tests/test_affine.py -k "quantize_dequantize and not f32" > "$out/gpu_aff2.txt" 2>&1 &
 $T tests/test_affine.py -k "matmul_shapes or batch_dims or mixed or defaults or negative" > "$out/gpu_aff3.txt" 2>&1 &
 $T tests/test_affine.py -k "bits_and_groups" > "$out/gpu_aff4.txt" 2>&1 &
-$T tests/test_affine.py -k "prefill_bits" > "$out/gpu_aff5.txt" 2>&1 &
+$T tests/test_affine.py -k "prefill_bits and not bf16" > "$out/gpu_aff5.txt" 2>&1 &
+$T tests/test_affine.py -k "prefill_bits and bf16" > "$out/gpu_aff9.txt" 2>&1 &
 $T tests/test_affine.py -k "gather or gradient" > "$out/gpu_aff6.txt" 2>&1 &
-$T tests/test_affine.py -k "decode_bits and f16" > "$out/gpu_aff7.txt" 2>&1 &
+$T tests/test_affine.py -k "decode_bits and not bf16" > "$out/gpu_aff7.txt" 2>&1 &
 $T tests/test_affine.py -k "decode_bits and bf16" > "$out/gpu_aff8.txt" 2>&1 &
 wait
 echo "GPU tests took $(( $(date +%s) - start )) s"
