@@ -263,7 +263,10 @@ def device_table(values, dtype=mx.int32) -> mx.array:
     return mx.array(values, dtype=dtype)
 
 
+@functools.lru_cache(maxsize=1024)
 def sizes(*values: int) -> mx.array:
     """Runtime sizes (N, K, ...) for a kernel, as an int32 input array
-    (padded, see :func:`device_table`)."""
+    (padded, see :func:`device_table`), built once per value list: a fresh
+    host array each call would be written by the CPU and faulted over to
+    the GPU each call."""
     return device_table(values)

@@ -560,11 +560,6 @@ def _check_grid_rows(rows: int) -> None:
         )
 
 
-@functools.lru_cache(maxsize=1024)
-def _sizes(*values):
-    return sizes(*values)
-
-
 @functools.lru_cache(maxsize=256)
 def _shape_slots(lhs: tuple, rhs: tuple, m: int):
     """Slots of products ``x[lhs[p]] @ W[rhs[p]].T`` of ``m`` rows each, in
@@ -582,14 +577,15 @@ def _shape_slots(lhs: tuple, rhs: tuple, m: int):
     )
 
 
-def _qmv_mma(stream, dtype) -> bool:
-    """Whether the mat-vec runs on tensor cores (CUDA, half or bfloat16)."""
+def _tensor_cores(stream, dtype) -> bool:
+    """Whether the matmul kernels run on tensor cores (CUDA, half or
+    bfloat16): the mat-vec always, the tiled kernel with ``transpose``."""
     return backend(stream) == "cuda" and dtype != mx.float32
 
 
 def _qmv_max_rows(stream, dtype) -> int:
     """The most x rows per expert that the mat-vec kernel takes at once."""
-    return _QMV_MMA_MAX_ROWS if _qmv_mma(stream, dtype) else _QMV_MAX_ROWS
+    return _QMV_MMA_MAX_ROWS if _tensor_cores(stream, dtype) else _QMV_MAX_ROWS
 
 
 def _qmv_mma_warps(blocks: int, k: int) -> int:
@@ -629,7 +625,7 @@ def _qmv_kernel(
         ("group_size", group_size),
         ("XR", x_rows),
     ]
-    if _qmv_mma(stream, x.dtype):
+    if _tensor_cores(stream, x.dtype):
         spec, columns = _QMV_MMA, _QMV_MMA_ROWS
         blocks = -(-n // columns) * n_tiles
         warps = _qmv_mma_warps(blocks, k)
@@ -642,7 +638,7 @@ def _qmv_kernel(
     return launch(
         spec,
         [x, w, scales, biases, slot_expert, slot_x]
-        + [_sizes(n, k, experts, x.size // k, slots)],
+        + [sizes(n, k, experts, x.size // k, slots)],
         template=template,
         grid=(ceil_to(n, columns) // columns * threads, n_tiles, 1),
         threadgroup=(threads, 1, 1),
@@ -665,7 +661,7 @@ def _matmul_rows_kernel(
     k = x.shape[-1]
     n = w.shape[-2] if transpose else w.shape[-1] * WORD_BITS // bits
     dtype = x.dtype
-    mma = transpose and backend(stream) == "cuda" and dtype != mx.float32
+    mma = transpose and _tensor_cores(stream, dtype)
     template = [("T", dtype), ("bits", bits), ("group_size", group_size)]
     if lhs is None:
         rows = x.size // k
@@ -725,7 +721,7 @@ def _matmul_rows_kernel(
     _check_grid_rows(grid[1])
     return launch(
         spec,
-        [x, w, scales, biases, tiles, slot_x, slot_out, _sizes(n, k)],
+        [x, w, scales, biases, tiles, slot_x, slot_out, sizes(n, k)],
         template=template,
         grid=(*grid, 1),
         threadgroup=(threads, 1, 1),
@@ -1031,7 +1027,7 @@ def _gather_qmm_kernel(
     _check_grid_rows(product.size)
     out = launch(
         _QMM_N,
-        [x, w, scales, biases, tiles, slot_x, slot_out, _sizes(n, k)],
+        [x, w, scales, biases, tiles, slot_x, slot_out, sizes(n, k)],
         template=[("T", x.dtype), ("bits", bits), ("group_size", group_size)],
         grid=(n_blocks * _QMM_TILE[2], product.size, 1),
         threadgroup=(_QMM_TILE[2], 1, 1),
