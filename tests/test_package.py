@@ -27,13 +27,21 @@ def test_kernel_sources_are_shipped():
         assert wanted <= found, f"missing from the package: {sorted(wanted - found)}"
 
 
-def test_every_kernel_spec_has_its_body():
-    # Reading each body through the loader fails if a file is not shipped.
+def _all_specs():
+    import mlx_quant_ops.affine as affine_module
     import mlx_quant_ops.gguf as gguf_module
 
-    specs = [
-        v for v in vars(gguf_module).values() if isinstance(v, _kernels.KernelSpec)
+    return [
+        v
+        for module in (affine_module, gguf_module)
+        for v in vars(module).values()
+        if isinstance(v, _kernels.KernelSpec)
     ]
+
+
+def test_every_kernel_spec_has_its_body():
+    # Reading each body through the loader fails if a file is not shipped.
+    specs = _all_specs()
     assert specs
     for spec in specs:
         assert spec.body().strip()
@@ -72,18 +80,6 @@ def test_compacted_sources_lose_only_comments_and_spacing():
         compacted = _kernels.compact(text)
         assert "//" not in compacted
         assert _tokens(compacted) == _tokens(text), path.name
-
-
-def _all_specs():
-    import mlx_quant_ops.affine as affine_module
-    import mlx_quant_ops.gguf as gguf_module
-
-    return [
-        v
-        for module in (affine_module, gguf_module)
-        for v in vars(module).values()
-        if isinstance(v, _kernels.KernelSpec)
-    ]
 
 
 def test_cuda_include_source_names_the_inline_files_in_order():
