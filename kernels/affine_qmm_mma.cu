@@ -162,14 +162,29 @@ auto mma_step = [&](int buf) {
   }
 };
 
-// Step kt computes on shared buffer kt % 2. At its barrier, the
-// activations of step kt (cp.async, issued one step before) have landed
-// and its weights are staged; right after, the activations of step kt + 1
-// go out to the other buffer (read last in step kt - 1, before the
-// barrier), the weights of step kt + 2 are fetched into the register set
-// step kt's came from, and after the mma work step kt + 1's weights are
-// staged. The loop is unrolled by two so every register index is static.
+// Step kt computes on shared buffer kt % 2 with the register set `used`.
+// At its barrier, the activations of step kt (cp.async, issued one step
+// before) have landed and its weights are staged; right after, the
+// activations of step kt + 1 go out to the other buffer (read last in step
+// kt - 1, before the barrier), the weights of step kt + 2 are fetched into
+// `used`, and after the mma work step kt + 1's weights (`next`) are
+// staged. The loop takes two steps at a time with the sets swapped, so
+// every register index is static.
 const int k_steps = (K + BK - 1) / BK;
+auto k_step = [&](int kt, int buf, Fetched& used, const Fetched& next) {
+  affine_cp_async_wait_all();
+  __syncthreads();
+  if (kt + 1 < k_steps) {
+    load_x((kt + 1) * BK, buf ^ 1);
+  }
+  if (kt + 2 < k_steps) {
+    fetch(used, (kt + 2) * BK);
+  }
+  mma_step(buf);
+  if (kt + 1 < k_steps) {
+    stage(next, buf ^ 1);
+  }
+};
 fetch(stages[0], 0);
 if (k_steps > 1) {
   fetch(stages[1], BK);
@@ -177,29 +192,9 @@ if (k_steps > 1) {
 load_x(0, 0);
 stage(stages[0], 0);
 for (int kt = 0; kt < k_steps; kt += 2) {
-  affine_cp_async_wait_all();
-  __syncthreads();
+  k_step(kt, 0, stages[0], stages[1]);
   if (kt + 1 < k_steps) {
-    load_x((kt + 1) * BK, 1);
-  }
-  if (kt + 2 < k_steps) {
-    fetch(stages[0], (kt + 2) * BK);
-  }
-  mma_step(0);
-  if (kt + 1 < k_steps) {
-    stage(stages[1], 1);
-    affine_cp_async_wait_all();
-    __syncthreads();
-    if (kt + 2 < k_steps) {
-      load_x((kt + 2) * BK, 0);
-    }
-    if (kt + 3 < k_steps) {
-      fetch(stages[1], (kt + 3) * BK);
-    }
-    mma_step(1);
-    if (kt + 2 < k_steps) {
-      stage(stages[0], 0);
-    }
+    k_step(kt + 1, 1, stages[1], stages[0]);
   }
 }
 
