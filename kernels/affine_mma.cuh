@@ -6,12 +6,15 @@
 // cuda path includes this file (see affine.py); the Metal bodies never see it.
 #pragma once
 
-// Two codes as the two 16-bit halves of `raw` (low code in bits 0..15),
-// each below 2^magic_bits, become two weights code * scale + bias: or-ing
-// in the bits of 2^m (m = 10 for half, 7 for bfloat16) gives 2^m + code
-// exactly (the code lands in the mantissa), one packed subtraction removes
-// 2^m exactly, and one packed fma rounds code * scale + bias once. Three
-// instructions per pair, against about five per value through float.
+// Two codes as the two 16-bit halves of a word, each below 2^m (m = 10 for
+// half, 7 for bfloat16), become two weights code * scale + bias: or-ing in
+// the bits of 2^m gives 2^m + code exactly (the code lands in the
+// mantissa), one packed subtraction removes 2^m exactly, and one packed fma
+// rounds code * scale + bias once. A code that sits e bits up in its half
+// (mask without shift) gives 2^m + code * 2^e instead, and one packed fma by
+// 2^-e and -2^(m - e) recovers the code, exactly again. So a word of narrow
+// codes needs a shift only every m bits: for 4-bit half, one shift per
+// four pairs, and about three instructions a pair (lop3, sub or fma, fma).
 template <typename T>
 struct AffineMma;
 
@@ -19,6 +22,7 @@ template <>
 struct AffineMma<__half> {
   typedef __half2 T2;
   static constexpr int magic_bits = 10;
+  static constexpr unsigned int one = 0x3C00u;  // 1.0
   static __device__ __forceinline__ unsigned int pack(float lo, float hi) {
     __half2 h = __floats2half2_rn(lo, hi);
     return *reinterpret_cast<unsigned int*>(&h);
@@ -42,6 +46,7 @@ template <>
 struct AffineMma<__nv_bfloat16> {
   typedef __nv_bfloat162 T2;
   static constexpr int magic_bits = 7;
+  static constexpr unsigned int one = 0x3F80u;  // 1.0
   static __device__ __forceinline__ unsigned int pack(float lo, float hi) {
     __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
     return *reinterpret_cast<unsigned int*>(&h);
@@ -60,17 +65,47 @@ struct AffineMma<__nv_bfloat16> {
   }
 };
 
-// Two codes (halves of raw) to two weights: see the top of this file.
+// (a & b) | c in one instruction (the compiler emits two for the C form).
+__device__ __forceinline__ unsigned int
+affine_and_or(unsigned int a, unsigned int b, unsigned int c) {
+  unsigned int d;
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;\n" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+  return d;
+}
+
+// The bits of 2^e in T, in both halves of a word (-m <= e <= m).
 template <typename T>
+__device__ __forceinline__ constexpr unsigned int affine_pow2_pair(int e) {
+  const int h = static_cast<int>(AffineMma<T>::one) +
+      e * (1 << AffineMma<T>::magic_bits);
+  return static_cast<unsigned int>(h) * 0x00010001u;
+}
+
+// The two codes in bits [e, e + width) of each half of `word` (e + width
+// <= m) to two weights: see the top of this file.
+template <typename T, int width>
 __device__ __forceinline__ unsigned int affine_dequant_pair(
-    unsigned int raw,
+    unsigned int word,
+    int e,
     typename AffineMma<T>::T2 scale,
     typename AffineMma<T>::T2 bias) {
   typedef typename AffineMma<T>::T2 T2;
   const unsigned int magic = AffineMma<T>::magic;
-  unsigned int biased = raw | magic;
-  T2 codes = __hsub2(
-      *reinterpret_cast<T2*>(&biased), *reinterpret_cast<const T2*>(&magic));
+  const unsigned int mask = (((1u << width) - 1u) * 0x00010001u) << e;
+  unsigned int biased = affine_and_or(word, mask, magic);
+  T2 codes;
+  if (e == 0) {
+    codes = __hsub2(
+        *reinterpret_cast<T2*>(&biased), *reinterpret_cast<const T2*>(&magic));
+  } else {
+    const unsigned int down = affine_pow2_pair<T>(-e);
+    const unsigned int offset =
+        affine_pow2_pair<T>(AffineMma<T>::magic_bits - e) | 0x80008000u;
+    codes = __hfma2(
+        *reinterpret_cast<T2*>(&biased),
+        *reinterpret_cast<const T2*>(&down),
+        *reinterpret_cast<const T2*>(&offset));
+  }
   T2 w = __hfma2(codes, scale, bias);
   return *reinterpret_cast<unsigned int*>(&w);
 }
@@ -128,7 +163,9 @@ struct AffinePairs {
 
 // Pair p of a unit as two weights in T: the packed path where the codes fit
 // the magic number, else through float (bfloat16 8-bit codes reach 255,
-// past bfloat16's 2^7 + code trick).
+// past bfloat16's 2^7 + code trick). Whole-word widths take their pair
+// straight from the word where its codes sit below 2^m in each half, so
+// the shift is shared by the pairs of one m-bit window.
 template <typename T, int bits>
 __device__ __forceinline__ unsigned int affine_weight_pair(
     const unsigned int* words,
@@ -137,10 +174,26 @@ __device__ __forceinline__ unsigned int affine_weight_pair(
     typename AffineMma<T>::T2 bias2,
     float scale,
     float bias) {
-  const unsigned int raw = AffinePairs<bits>::raw(words, p);
-  if constexpr (bits <= AffineMma<T>::magic_bits) {
-    return affine_dequant_pair<T>(raw, scale2, bias2);
+  typedef AffinePairs<bits> Pairs;
+  if constexpr (Pairs::whole_words && bits <= AffineMma<T>::magic_bits) {
+    // Codes per window: the most (a power of two) that fit under 2^m.
+    constexpr int window =
+        bits * 2 <= AffineMma<T>::magic_bits && Pairs::half_word >= 2
+        ? (bits * 4 <= AffineMma<T>::magic_bits && Pairs::half_word >= 4
+               ? (bits * 8 <= AffineMma<T>::magic_bits && Pairs::half_word >= 8
+                      ? 8
+                      : 4)
+               : 2)
+        : 1;
+    const int j = p % Pairs::half_word;
+    const int e = bits * (j % window);
+    const unsigned int word = words[p / Pairs::half_word] >> (bits * (j - j % window));
+    return affine_dequant_pair<T, bits>(word, e, scale2, bias2);
+  } else if constexpr (bits <= AffineMma<T>::magic_bits) {
+    const unsigned int raw = Pairs::raw(words, p);
+    return affine_dequant_pair<T, 16>(raw, 0, scale2, bias2);
   } else {
+    const unsigned int raw = Pairs::raw(words, p);
     float lo = fmaf(affine_code_float(raw & 0xFFFFu), scale, bias);
     float hi = fmaf(affine_code_float(raw >> 16), scale, bias);
     return AffineMma<T>::pack(lo, hi);

@@ -7,7 +7,7 @@
 // decode on the H100 (unpacking, scaling, multiplying), not the multiply
 // count. One mma.sync m16n8k16 takes 16 weight rows x 16 values against up
 // to 8 x rows at once, so dequantizing each weight once in packed half
-// arithmetic (affine_weight_pair, three instructions per two weights) is
+// arithmetic (affine_weight_pair, about three instructions per two weights) is
 // all the per-weight work, for 1 x row or 16.
 //
 // Block: 16 weight rows (one m16 tile), KW warps splitting K. Lane (g, t)
