@@ -13,8 +13,9 @@
 // rounds code * scale + bias once. A code that sits e bits up in its half
 // (mask without shift) gives 2^m + code * 2^e instead, and one packed fma by
 // 2^-e and -2^(m - e) recovers the code, exactly again. So a word of narrow
-// codes needs a shift only every m bits: for 4-bit half, one shift per
-// four pairs, and about three instructions a pair (lop3, sub or fma, fma).
+// codes needs one shift per window of codes that fit under 2^m together:
+// for 4-bit half, one shift per four pairs, and about three instructions a
+// pair (lop3, sub or fma, fma).
 template <typename T>
 struct AffineMma;
 
