@@ -162,6 +162,17 @@ struct AffinePairs {
   }
 };
 
+// Codes per window: the most, a power of two and at most `limit`, whose
+// bits fit under 2^m together, so one shift serves all of them.
+__device__ constexpr int
+affine_codes_per_window(int bits, int magic_bits, int limit) {
+  int window = 1;
+  while (window * 2 <= limit && bits * window * 2 <= magic_bits) {
+    window *= 2;
+  }
+  return window;
+}
+
 // Pair p of a unit as two weights in T: the packed path where the codes fit
 // the magic number, else through float (bfloat16 8-bit codes reach 255,
 // past bfloat16's 2^7 + code trick). Whole-word widths take their pair
@@ -177,15 +188,8 @@ __device__ __forceinline__ unsigned int affine_weight_pair(
     float bias) {
   typedef AffinePairs<bits> Pairs;
   if constexpr (Pairs::whole_words && bits <= AffineMma<T>::magic_bits) {
-    // Codes per window: the most (a power of two) that fit under 2^m.
     constexpr int window =
-        bits * 2 <= AffineMma<T>::magic_bits && Pairs::half_word >= 2
-        ? (bits * 4 <= AffineMma<T>::magic_bits && Pairs::half_word >= 4
-               ? (bits * 8 <= AffineMma<T>::magic_bits && Pairs::half_word >= 8
-                      ? 8
-                      : 4)
-               : 2)
-        : 1;
+        affine_codes_per_window(bits, AffineMma<T>::magic_bits, Pairs::half_word);
     const int j = p % Pairs::half_word;
     const int e = bits * (j % window);
     const unsigned int word = words[p / Pairs::half_word] >> (bits * (j - j % window));
