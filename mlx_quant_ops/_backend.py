@@ -10,6 +10,7 @@ silent fallback.
 
 import contextlib
 import contextvars
+import functools
 import os
 from typing import Callable, Iterator, Optional, Union
 
@@ -32,6 +33,15 @@ def gpu_backend() -> Optional[str]:
     if mx.cuda.is_available():
         return "cuda"
     return None
+
+
+@functools.lru_cache(maxsize=None)
+def gpu_architecture() -> str:
+    """The GPU's architecture as MLX reports it, e.g. ``"sm_90"`` on an H100
+    or H200; ``""`` where MLX names none (no GPU, or a backend that does not
+    say). Kernels that need one architecture's instructions (wgmma) ask this.
+    """
+    return str(mx.device_info(mx.gpu).get("architecture", ""))
 
 
 def _check_name(name: str, where: str) -> str:

@@ -150,18 +150,26 @@ class _Recorder:
         return call
 
 
+#: The architecture recordings report by default: the H100's, which
+#: :func:`compile_unit` targets (sm_90a), so Hopper-only kernels are recorded.
+HOPPER = "sm_90"
+
+
 @contextlib.contextmanager
-def recording():
-    """Force the ``cuda`` path and record kernel builds and launches instead
-    of running them. Yields the list the launches are appended to."""
+def recording(architecture: str = HOPPER):
+    """Force the ``cuda`` path on a GPU of ``architecture`` (as
+    ``mx.device_info`` names it) and record kernel builds and launches
+    instead of running them. Yields the list the launches are appended to."""
     recorder = _Recorder()
     saved = (
         backend_module.gpu_backend,
+        backend_module.gpu_architecture,
         backend_module.kernel_stream,
         mx.fast.cuda_kernel,
     )
     kernels_module._build_once.cache_clear()
     backend_module.gpu_backend = lambda: "cuda"
+    backend_module.gpu_architecture = lambda: architecture
     backend_module.kernel_stream = lambda stream: mx.default_stream(mx.cpu)
     mx.fast.cuda_kernel = recorder.cuda_kernel
     try:
@@ -170,16 +178,19 @@ def recording():
     finally:
         (
             backend_module.gpu_backend,
+            backend_module.gpu_architecture,
             backend_module.kernel_stream,
             mx.fast.cuda_kernel,
         ) = saved
         kernels_module._build_once.cache_clear()
 
 
-def record_launches(exercise: Callable[[], object]) -> List[Launch]:
+def record_launches(
+    exercise: Callable[[], object], architecture: str = HOPPER
+) -> List[Launch]:
     """Run ``exercise`` (which calls public ops) on the recorded ``cuda``
-    path; return the distinct launches it made."""
-    with recording() as launches:
+    path of a GPU of ``architecture``; return the distinct launches it made."""
+    with recording(architecture) as launches:
         mx.eval(exercise())
     unique = {}
     for launch in launches:
