@@ -26,6 +26,7 @@ from typing import Optional, Tuple
 import mlx.core as mx
 import numpy as np
 
+from . import _backend
 from . import _validate as check
 from ._backend import StreamLike, backend, dispatch
 from ._kernels import KernelSpec, ceil_to, device_table, launch, sizes
@@ -81,6 +82,20 @@ _QMM_MMA = KernelSpec(
     dialects=("cuda",),
     shared_memory=_MMA_SHARED_BYTES,
 )
+# Its Hopper twin (wgmma, sm_90a only; whole-word widths): three activation
+# stages of 128 rows x 128 bytes, plus 1 KB to align them for the swizzle.
+_WGMMA_SHARED_BYTES = 3 * 128 * 128 + 1024
+_QMM_WGMMA = KernelSpec(
+    "affine_qmm_wgmma",
+    _MATMUL_INPUTS,
+    ("out",),
+    _MMA_HEADERS + ("affine_wgmma.cuh",),
+    body_file="affine_qmm_wgmma.cu",
+    dialects=("cuda",),
+    shared_memory=_WGMMA_SHARED_BYTES,
+)
+_WGMMA_BITS = (1, 2, 4, 8)
+_WGMMA_ARCHITECTURES = ("sm_90",)  # wgmma exists on sm_90a alone
 _THREADS = 256  # elementwise kernels: threads per threadgroup
 _SIMD = 32
 _QMV_SIMDGROUPS = 4  # kernels/affine_qmv.metal
@@ -583,6 +598,12 @@ def _tensor_cores(stream, dtype) -> bool:
     return backend(stream) == "cuda" and dtype != mx.float32
 
 
+def _wgmma(bits: int) -> bool:
+    """Whether the tiled kernel is the wgmma one (kernels/affine_qmm_wgmma.cu):
+    a Hopper GPU, and codes that pair within words."""
+    return bits in _WGMMA_BITS and _backend.gpu_architecture() in _WGMMA_ARCHITECTURES
+
+
 def _qmv_max_rows(stream, dtype) -> int:
     """The most x rows per expert that the mat-vec kernel takes at once."""
     return _QMV_MMA_MAX_ROWS if _tensor_cores(stream, dtype) else _QMV_MAX_ROWS
@@ -694,6 +715,8 @@ def _matmul_rows_kernel(
         )
     if mma:
         spec, (tile_rows, columns, threads) = _QMM_MMA, _MMA_TILE
+        if _wgmma(bits):
+            spec = _QMM_WGMMA  # same tiles, grid and inputs
         if longest >= _MMA_TALL_ROWS:
             tile_rows = _MMA_TALL_ROWS
         template.append(("BM", tile_rows))
@@ -712,7 +735,7 @@ def _matmul_rows_kernel(
     # share a weight tile run together and find it in L2.
     grid = (
         (n_tiles * threads, n_blocks)
-        if spec is _QMM_MMA
+        if spec in (_QMM_MMA, _QMM_WGMMA)
         else (
             n_blocks * threads,
             n_tiles,

@@ -224,6 +224,36 @@ def test_quantized_matmul_prefill_bits(path, dtype, bits, group_size):
         _check_matmul(x, w_q, scales, biases, True, group_size, bits, f"m={m}")
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", (mx.float16, mx.bfloat16), ids=("f16", "bf16"))
+@pytest.mark.parametrize("bits", [b for b in BITS if 32 % b == 0])
+def test_quantized_matmul_prefill_off_hopper(monkeypatch, dtype, bits):
+    # An H100 runs the whole-word widths' prefill on the wgmma tile; this
+    # runs the mma.sync tile that other NVIDIA GPUs (A100, L40, Blackwell)
+    # take for them, by making the op see another architecture.
+    from conftest import on_path
+
+    if mqo._backend.gpu_backend() != "cuda":
+        pytest.skip("the tensor-core tiles are CUDA kernels")
+    monkeypatch.setattr(mqo._backend, "gpu_architecture", lambda: "sm_80")
+    launched = []
+    real_launch = mqo.affine.launch
+
+    def launch(spec, *args, **kwargs):
+        launched.append(spec.name)
+        return real_launch(spec, *args, **kwargs)
+
+    monkeypatch.setattr(mqo.affine, "launch", launch)
+    group_size = 64
+    n, k = 200, 5 * group_size
+    w_q, scales, biases = _weights((n, k), dtype, group_size, bits, seed=bits)
+    with on_path("gpu"):
+        for m in (40, 201):  # both tile heights
+            x = _x((m, k), dtype, seed=m)
+            _check_matmul(x, w_q, scales, biases, True, group_size, bits, f"m={m}")
+    assert set(launched) == {"affine_qmm_mma"}, launched
+
+
 @pytest.mark.parametrize(
     "x_shape, w_batch",
     [
@@ -651,9 +681,10 @@ def test_dispatcher_picks_kernel_by_shape():
     # (recorded, not run: see cuda_compile.py).
     from cuda_compile import record_launches
 
-    def picked(fn):
+    def picked(fn, architecture="sm_90"):
         return [
-            (l.kernel.name, dict(l.template).get("XR")) for l in record_launches(fn)
+            (l.kernel.name, dict(l.template).get("XR"))
+            for l in record_launches(fn, architecture)
         ]
 
     w_q, scales, biases = _packed((300, 256), 4, 64, mx.float16)
@@ -670,7 +701,16 @@ def test_dispatcher_picks_kernel_by_shape():
     assert picked(qmm(3)) == [("affine_qmv_mma", 4)]
     assert picked(qmm(8)) == [("affine_qmv_mma", 8)]
     assert picked(qmm(16)) == [("affine_qmv_mma", 16)]
-    assert picked(qmm(17)) == [("affine_qmm_mma", None)]
+    # Past 16 rows, the tensor-core tile: wgmma on Hopper where codes pair
+    # within words, mma.sync for 3, 5 and 6 bits and on other GPUs.
+    assert picked(qmm(17)) == [("affine_qmm_wgmma", None)]
+    assert picked(qmm(17), "sm_80") == [("affine_qmm_mma", None)]
+    assert picked(qmm(17), "sm_100") == [("affine_qmm_mma", None)]
+    w3 = _packed((300, 256), 3, 64, mx.float16)
+    three_bits = lambda: mqo.quantized_matmul(
+        mx.zeros((17, 256), mx.float16), *w3, bits=3
+    )
+    assert picked(three_bits) == [("affine_qmm_mma", None)]
     tall = record_launches(qmm(128))
     assert [dict(l.template)["BM"] for l in tall] == [128]
     assert picked(qmm(1, mx.float32)) == [("affine_qmv", 1)]

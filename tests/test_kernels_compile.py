@@ -15,6 +15,7 @@ from pathlib import Path
 import mlx.core as mx
 import pytest
 from cuda_compile import (
+    HOPPER,
     compile_unit,
     group_by_definition,
     nvcc_path,
@@ -89,7 +90,7 @@ def exercise_affine():
     for bits in mqo.affine.AFFINE_BITS:
         # bfloat16 decode at every width (8 bits takes another dequantizer
         # on tensor cores), with one and two n8 tiles of x rows.
-        outputs += _affine_calls(mx.bfloat16, bits, 64, (1, 13), prefill=False)
+        outputs += _affine_calls(mx.bfloat16, bits, 64, (1, 13))
     outputs += _affine_calls(mx.bfloat16, 4, 64, decode_rows=(2, 3, 8), prefill=False)
     # A long K on a short N: the tensor-core mat-vec splits K over 8 warps.
     w_q, scales, biases = mqo.quantize(mx.zeros((16, 4096), mx.float16))
@@ -99,12 +100,29 @@ def exercise_affine():
     return outputs
 
 
-#: family name -> a function calling that family's public ops so that every
-#: kernel and template instantiation it can build gets launched once.
+def exercise_affine_pre_hopper():
+    # On a GPU without wgmma (sm_80, sm_89, sm_100) the prefill tile of the
+    # whole-word widths is the mma.sync one, which an H100 never builds.
+    outputs = []
+    for dtype in (mx.float16, mx.bfloat16):
+        for bits in mqo.affine.AFFINE_BITS:
+            outputs += _affine_calls(dtype, bits, 64, decode_rows=())
+    return outputs
+
+
+#: family name -> (a function calling that family's public ops so that every
+#: kernel and template instantiation it can build gets launched once, the GPU
+#: architecture the ops see while it runs).
 EXERCISES = {
-    "gguf": exercise_gguf,
-    "affine": exercise_affine,
+    "gguf": (exercise_gguf, HOPPER),
+    "affine": (exercise_affine, HOPPER),
+    "affine_pre_hopper": (exercise_affine_pre_hopper, "sm_80"),
 }
+
+
+def _record(family):
+    exercise, architecture = EXERCISES[family]
+    return record_launches(exercise, architecture)
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +134,7 @@ def nvcc():
 
 
 def _definitions(family):
-    launches = record_launches(EXERCISES[family])
+    launches = _record(family)
     assert launches, f"{family}: the exercise launched no kernel on the cuda path"
     return group_by_definition(launches)
 
@@ -156,11 +174,24 @@ def test_recorder_sees_every_affine_kernel():
         "affine_qmm",
         "affine_qmm_n",
         "affine_qmm_mma",
+        "affine_qmm_wgmma",
     }
 
 
+def test_recorder_sees_the_pre_hopper_prefill_tile():
+    definitions = _definitions("affine_pre_hopper")
+    assert "affine_qmm_wgmma" not in {d.name for d in definitions}
+    mma_bits = {
+        dict(launch.template)["bits"]
+        for definition, launches in definitions.items()
+        if definition.name == "affine_qmm_mma"
+        for launch in launches
+    }
+    assert mma_bits == set(mqo.affine.AFFINE_BITS)
+
+
 def test_compile_catches_a_broken_body(nvcc):
-    launches = record_launches(EXERCISES["gguf"])
+    launches = _record("gguf")
     broken = launches[0]
     source = translation_unit([broken]).replace(
         broken.kernel.source, broken.kernel.source + "\nthis_is_not_cuda;\n"
