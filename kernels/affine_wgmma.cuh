@@ -49,77 +49,52 @@ __device__ __forceinline__ void affine_wgmma_keep(unsigned int r) {
 
 // D (64 x N, f32) += A (64 x 16, registers as the mma.sync m16n8k16 A
 // fragment of each warp's 16 rows) * B (16 x N, K-major in shared memory).
+// One specialization per (type, N) below: the instruction names both, and
+// asm text cannot come from template parameters.
 template <typename T, int N>
 struct AffineWgmma;
 
-template <>
-struct AffineWgmma<__half, 64> {
-  static __device__ __forceinline__ void
-  mma(float* d, const unsigned int* a, unsigned long long b_desc) {
-    asm volatile(
-        "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 "
-        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
-        "{%32, %33, %34, %35}, %36, 1, 1, 1, 0;\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
-          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
-          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b_desc));
-  }
-};
+// The accumulator operands: a thread holds N / 2 of D's floats, d[0] on,
+// eight per macro; and their placeholders in the instruction text.
+#define AFFINE_WGMMA_D8(o) "+f"(d[o]), "+f"(d[o + 1]), "+f"(d[o + 2]), "+f"(d[o + 3]), "+f"(d[o + 4]), "+f"(d[o + 5]), "+f"(d[o + 6]), "+f"(d[o + 7])
+#define AFFINE_WGMMA_D32 \
+  AFFINE_WGMMA_D8(0), AFFINE_WGMMA_D8(8), AFFINE_WGMMA_D8(16), AFFINE_WGMMA_D8(24)
+#define AFFINE_WGMMA_D64 \
+  AFFINE_WGMMA_D32, AFFINE_WGMMA_D8(32), AFFINE_WGMMA_D8(40), AFFINE_WGMMA_D8(48), \
+      AFFINE_WGMMA_D8(56)
+#define AFFINE_WGMMA_R32 \
+  "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
+  "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
+#define AFFINE_WGMMA_R64 \
+  AFFINE_WGMMA_R32 ", %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, " \
+                   "%44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, " \
+                   "%57, %58, %59, %60, %61, %62, %63"
 
-template <>
-struct AffineWgmma<__half, 128> {
-  static __device__ __forceinline__ void
-  mma(float* d, const unsigned int* a, unsigned long long b_desc) {
-    asm volatile(
-        "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 "
-        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
-        "{%64, %65, %66, %67}, %68, 1, 1, 1, 0;\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
-          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
-          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
-          "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
-          "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
-          "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
-          "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b_desc));
-  }
-};
+// A's four registers and B's descriptor follow the accumulators (A_REGS
+// names their placeholders); the trailing 1, 1, 1, 0 are D scaled by one,
+// A and B unnegated, B not transposed (K-major).
+#define AFFINE_WGMMA(CTYPE, PTX_TYPE, N, D_REGS, D_OPERANDS, A_REGS)                 \
+  template <>                                                                      \
+  struct AffineWgmma<CTYPE, N> {                                                   \
+    static __device__ __forceinline__ void                                         \
+    mma(float* d, const unsigned int* a, unsigned long long b_desc) {              \
+      asm volatile("wgmma.mma_async.sync.aligned.m64n" #N "k16.f32." PTX_TYPE      \
+                   "." PTX_TYPE " {" D_REGS "}, " A_REGS ", 1, 1, 1, 0;\n"         \
+                   : D_OPERANDS                                                    \
+                   : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b_desc));     \
+    }                                                                              \
+  };
 
-template <>
-struct AffineWgmma<__nv_bfloat16, 64> {
-  static __device__ __forceinline__ void
-  mma(float* d, const unsigned int* a, unsigned long long b_desc) {
-    asm volatile(
-        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
-        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
-        "{%32, %33, %34, %35}, %36, 1, 1, 1, 0;\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
-          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
-          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b_desc));
-  }
-};
+AFFINE_WGMMA(__half, "f16", 64, AFFINE_WGMMA_R32, AFFINE_WGMMA_D32, "{%32, %33, %34, %35}, %36")
+AFFINE_WGMMA(__half, "f16", 128, AFFINE_WGMMA_R64, AFFINE_WGMMA_D64, "{%64, %65, %66, %67}, %68")
+AFFINE_WGMMA(__nv_bfloat16, "bf16", 64, AFFINE_WGMMA_R32, AFFINE_WGMMA_D32,
+             "{%32, %33, %34, %35}, %36")
+AFFINE_WGMMA(__nv_bfloat16, "bf16", 128, AFFINE_WGMMA_R64, AFFINE_WGMMA_D64,
+             "{%64, %65, %66, %67}, %68")
 
-template <>
-struct AffineWgmma<__nv_bfloat16, 128> {
-  static __device__ __forceinline__ void
-  mma(float* d, const unsigned int* a, unsigned long long b_desc) {
-    asm volatile(
-        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
-        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
-        "{%64, %65, %66, %67}, %68, 1, 1, 1, 0;\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
-          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
-          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
-          "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
-          "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
-          "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
-          "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b_desc));
-  }
-};
+#undef AFFINE_WGMMA
+#undef AFFINE_WGMMA_R64
+#undef AFFINE_WGMMA_R32
+#undef AFFINE_WGMMA_D64
+#undef AFFINE_WGMMA_D32
+#undef AFFINE_WGMMA_D8
