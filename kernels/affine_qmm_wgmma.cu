@@ -22,7 +22,11 @@
 // during step k - 1, are visible); issue four wgmma on them; store step
 // k + 1's activations into the third buffer (last read by step k - 2,
 // done) and fetch step k + 2's; wait until only step k's wgmma is in
-// flight. So the dequantization of step k + 1 overlaps the mma of step k.
+// flight. The intent is that the dequantization of step k + 1 overlaps the
+// mma of step k; ptxas does not allow it (C7513: a non-wgmma instruction
+// defines a wgmma input register inside the pipeline stage) and serializes
+// the wgmma, yet the tile still beats affine_qmm_mma.cu by 4-15% on an
+// H100. The way out is A from shared memory as well (docs/benchmarks.md).
 // Template: T, bits (1, 2, 4 or 8), group_size, BM (64 or 128).
 typedef AffineMma<T> Mma;
 typedef typename Mma::T2 T2;
