@@ -232,6 +232,44 @@ __device__ __forceinline__ unsigned int affine_weight_neighbours(
   }
 }
 
+// The two weight rows lane (g, t) of a 16-row mma tile owns, g and g + 8
+// ("lo" and "hi"): where their codes, scales and biases start, given the
+// rows' indices into w (words_per_row words a row) and into scales and
+// biases (groups_per_row a row).
+template <typename T>
+struct AffineRowPair {
+  const uint32_t* w_lo;
+  const uint32_t* w_hi;
+  const T* s_lo;
+  const T* s_hi;
+  const T* b_lo;
+  const T* b_hi;
+
+  __device__ __forceinline__ AffineRowPair(
+      const uint32_t* w,
+      const T* scales,
+      const T* biases,
+      size_t row_lo,
+      size_t row_hi,
+      int words_per_row,
+      int groups_per_row)
+      : w_lo(w + row_lo * words_per_row),
+        w_hi(w + row_hi * words_per_row),
+        s_lo(scales + row_lo * groups_per_row),
+        s_hi(scales + row_hi * groups_per_row),
+        b_lo(biases + row_lo * groups_per_row),
+        b_hi(biases + row_hi * groups_per_row) {}
+
+  // Group `group`'s scale and bias of both rows.
+  __device__ __forceinline__ void
+  group(int group, T& scale_lo, T& bias_lo, T& scale_hi, T& bias_hi) const {
+    scale_lo = s_lo[group];
+    bias_lo = b_lo[group];
+    scale_hi = s_hi[group];
+    bias_hi = b_hi[group];
+  }
+};
+
 // ldmatrix.x4: four 8x8 tiles of 16-bit values from shared memory, lane l
 // giving the address of row l % 8 of tile l / 8.
 __device__ __forceinline__ void

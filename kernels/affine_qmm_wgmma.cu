@@ -65,12 +65,8 @@ const int k_steps = (units + 1) / 2;
 const int row = 16 * warp + g;
 const size_t row_lo = static_cast<size_t>(expert) * N + min(n0 + row, N - 1);
 const size_t row_hi = static_cast<size_t>(expert) * N + min(n0 + row + 8, N - 1);
-const uint32_t* w_lo = w + row_lo * words_per_row;
-const uint32_t* w_hi = w + row_hi * words_per_row;
-const T* s_lo = scales + row_lo * groups_per_row;
-const T* s_hi = scales + row_hi * groups_per_row;
-const T* b_lo = biases + row_lo * groups_per_row;
-const T* b_hi = biases + row_hi * groups_per_row;
+const AffineRowPair<T> rows(
+    w, scales, biases, row_lo, row_hi, words_per_row, groups_per_row);
 const int lane_word = (4 * t) / Pairs::half_word;
 const int lane_shift = bits * ((4 * t) % Pairs::half_word);
 
@@ -88,14 +84,10 @@ auto fetch = [&](Fetched& f, int kt) {
     const int uc = min(u, units - 1);
 #pragma unroll
     for (int i = 0; i < LANE_WORDS; ++i) {
-      f.lo[uu][i] = w_lo[uc * bits + lane_word + i];
-      f.hi[uu][i] = w_hi[uc * bits + lane_word + i];
+      f.lo[uu][i] = rows.w_lo[uc * bits + lane_word + i];
+      f.hi[uu][i] = rows.w_hi[uc * bits + lane_word + i];
     }
-    const int grp = uc * AFFINE_UNIT / group_size;
-    f.sl[uu] = s_lo[grp];
-    f.bl[uu] = b_lo[grp];
-    f.sh[uu] = s_hi[grp];
-    f.bh[uu] = b_hi[grp];
+    rows.group(uc * AFFINE_UNIT / group_size, f.sl[uu], f.bl[uu], f.sh[uu], f.bh[uu]);
   }
 };
 // The A fragments of a step's four k16 steps: step 2 uu + h takes the

@@ -71,12 +71,8 @@ for (int run = 0; run < count;) {
   // Rows past N read row N - 1 (never stored).
   const size_t row_lo = row_base + min(n0 + g, N - 1);
   const size_t row_hi = row_base + min(n0 + g + 8, N - 1);
-  const uint32_t* w_lo = w + row_lo * words_per_row;
-  const uint32_t* w_hi = w + row_hi * words_per_row;
-  const T* s_lo = scales + row_lo * groups_per_row;
-  const T* s_hi = scales + row_hi * groups_per_row;
-  const T* b_lo = biases + row_lo * groups_per_row;
-  const T* b_hi = biases + row_hi * groups_per_row;
+  const AffineRowPair<T> rows(
+      w, scales, biases, row_lo, row_hi, words_per_row, groups_per_row);
   // x row of column g of each n8 tile. Columns past the run and bad rows
   // read row 0: a column of B only feeds the same column of C, and those
   // are never stored (or stored as NaN).
@@ -123,13 +119,10 @@ for (int run = 0; run < count;) {
       batch.in_range[r] = u < u_last;  // past the last trip, u is past u_last too
       const int uc = min(u, u_last - 1);
       batch.unit[r] = uc;
-      AffineUnit<bits>::load(w_lo + uc * bits, batch.lo[r]);
-      AffineUnit<bits>::load(w_hi + uc * bits, batch.hi[r]);
-      const int grp = uc * AFFINE_UNIT / group_size;
-      batch.sl[r] = s_lo[grp];
-      batch.bl[r] = b_lo[grp];
-      batch.sh[r] = s_hi[grp];
-      batch.bh[r] = b_hi[grp];
+      AffineUnit<bits>::load(rows.w_lo + uc * bits, batch.lo[r]);
+      AffineUnit<bits>::load(rows.w_hi + uc * bits, batch.hi[r]);
+      rows.group(uc * AFFINE_UNIT / group_size, batch.sl[r], batch.bl[r],
+                 batch.sh[r], batch.bh[r]);
     }
   };
   // Activations are read here, not with the batch: they are few and hot
