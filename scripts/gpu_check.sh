@@ -12,7 +12,7 @@ $T tests/test_nn.py tests/test_model.py > "$out/gpu_nn.txt" 2>&1 &
 $T tests/test_affine.py -k "quantize_dequantize and f32" > "$out/gpu_aff1.txt" 2>&1 &
 $T tests/test_affine.py -k "quantize_dequantize and f16 and not bf16" > "$out/gpu_aff2.txt" 2>&1 &
 $T tests/test_affine.py -k "quantize_dequantize and bf16" > "$out/gpu_aff10.txt" 2>&1 &
-$T tests/test_affine.py -k "matmul_shapes or batch_dims or mixed or defaults or negative or off_hopper" > "$out/gpu_aff3.txt" 2>&1 &
+$T tests/test_affine.py -k "matmul_shapes or batch_dims or mixed or defaults or negative or off_hopper or batched_weights" > "$out/gpu_aff3.txt" 2>&1 &
 $T tests/test_affine.py -k "bits_and_groups" > "$out/gpu_aff4.txt" 2>&1 &
 $T tests/test_affine.py -k "prefill_bits and not bf16" > "$out/gpu_aff5.txt" 2>&1 &
 $T tests/test_affine.py -k "prefill_bits and bf16" > "$out/gpu_aff9.txt" 2>&1 &

@@ -282,6 +282,20 @@ def test_quantized_matmul_batch_dims(path, x_shape, w_batch, dtype):
         assert rel_error(_np(out), _np(expected)) <= 2 * TOLERANCE[dtype]
 
 
+@pytest.mark.parametrize("dtype", (mx.float16, mx.bfloat16), ids=("f16", "bf16"))
+@pytest.mark.parametrize("bits", (3, 4))
+def test_quantized_matmul_batched_weights_many_rows(path, dtype, bits):
+    # A batch of weights, each with enough x rows for the tiled kernels: the
+    # tiles of different weights share one launch and each reads its own
+    # weight's rows (on an H100, 4 bits takes the wgmma tile and 3 bits the
+    # mma.sync one). N is odd; x batches broadcast against w's.
+    group_size = 64
+    w_q, scales, biases = _weights((3, 70, 128), dtype, group_size, bits, seed=bits)
+    for x_shape in ((3, 40, 128), (2, 1, 150, 128)):
+        x = _x(x_shape, dtype, seed=len(x_shape))
+        _check_matmul(x, w_q, scales, biases, True, group_size, bits, f"x {x_shape}")
+
+
 def test_quantized_matmul_mixed_dtypes_promote_like_mlx(path):
     w_q, scales, biases = _weights((40, 64), mx.float32, 64, 4)
     x = _x((3, 64), mx.float16)
