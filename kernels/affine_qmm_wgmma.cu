@@ -25,8 +25,8 @@
 // flight. The intent is that the dequantization of step k + 1 overlaps the
 // mma of step k; ptxas does not allow it (C7513: a non-wgmma instruction
 // defines a wgmma input register inside the pipeline stage) and serializes
-// the wgmma, yet the tile still beats affine_qmm_mma.cu by 4-15% on an
-// H100. The way out is A from shared memory as well (docs/benchmarks.md).
+// the wgmma, yet the tile still beats affine_qmm_mma.cu by up to 15% on
+// an H100. The way out is A from shared memory as well (docs/benchmarks.md).
 // Template: T, bits (1, 2, 4 or 8), group_size, BM (64 or 128).
 typedef AffineMma<T> Mma;
 typedef typename Mma::T2 T2;
