@@ -70,8 +70,9 @@ def compact(source: str) -> str:
 
     MLX hashes a custom kernel's whole source on every launch to find its
     compiled module (cost measured in :meth:`KernelSpec.cuda_include_source`),
-    so the inline fallback hands it no more text than it needs. Our kernels have no string literal containing ``//``, so a line comment
-    is everything from ``//`` on; preprocessor lines keep their spacing.
+    so the inline fallback hands it no more text than it needs. Our kernels
+    have no string literal containing ``//``, so a line comment is
+    everything from ``//`` on; preprocessor lines keep their spacing.
     """
     lines = []
     for line in source.splitlines():

@@ -214,12 +214,17 @@ def test_quantized_matmul_decode_bits(path, dtype, bits, group_size):
 @pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("group_size", GROUP_SIZES)
 def test_quantized_matmul_prefill_bits(path, dtype, bits, group_size):
+    _check_prefill(dtype, bits, group_size, rows=(40, 100, 201))
+
+
+def _check_prefill(dtype, bits, group_size, rows):
     # Many rows per weight (the tiled kernel), N not a multiple of its tile,
     # K an odd number of 32-value units (the tensor-core tile steps over K
     # two units at a time, so its last step is half empty at group 32).
+    # Rows past 128 take the taller tensor-core tile.
     n, k = 200, 5 * group_size
     w_q, scales, biases = _weights((n, k), dtype, group_size, bits, seed=bits)
-    for m in (40, 100, 201):  # the last one on the taller tensor-core tile
+    for m in rows:
         x = _x((m, k), dtype, seed=m)
         _check_matmul(x, w_q, scales, biases, True, group_size, bits, f"m={m}")
 
@@ -244,13 +249,8 @@ def test_quantized_matmul_prefill_off_hopper(monkeypatch, dtype, bits):
         return real_launch(spec, *args, **kwargs)
 
     monkeypatch.setattr(mqo.affine, "launch", launch)
-    group_size = 64
-    n, k = 200, 5 * group_size
-    w_q, scales, biases = _weights((n, k), dtype, group_size, bits, seed=bits)
     with on_path("gpu"):
-        for m in (40, 201):  # both tile heights
-            x = _x((m, k), dtype, seed=m)
-            _check_matmul(x, w_q, scales, biases, True, group_size, bits, f"m={m}")
+        _check_prefill(dtype, bits, 64, rows=(40, 201))  # both tile heights
     assert set(launched) == {"affine_qmm_mma"}, launched
 
 
@@ -693,9 +693,9 @@ def test_all_combinations_listed():
 def test_dispatcher_picks_kernel_by_shape():
     # Which kernel the cuda path launches for decode, prefill and MoE shapes
     # (recorded, not run: see cuda_compile.py).
-    from cuda_compile import record_launches
+    from cuda_compile import HOPPER, record_launches
 
-    def picked(fn, architecture="sm_90"):
+    def picked(fn, architecture=HOPPER):
         return [
             (l.kernel.name, dict(l.template).get("XR"))
             for l in record_launches(fn, architecture)
