@@ -5,34 +5,35 @@
 //
 // Block: 256 threads, two warpgroups. Weight rows are the wgmma M side:
 // warp w takes block rows 16 w .. 16 w + 15, and lane (g, t) dequantizes
-// rows g and g + 8 straight into its A fragment registers, as the mat-vec
-// does; the weights never pass through shared memory. Activations are the
-// N side: BM x rows (tokens) x 64 values per step, K-major with the 128-byte
-// swizzle, three buffers, read by wgmma through a descriptor.
+// rows g and g + 8 as the mat-vec does, then stores them to shared memory.
+// Activations are the N side: BM x rows (tokens). Both operands of a step
+// (64 values of K) are K-major tiles with the 128-byte swizzle, in three
+// stage buffers, and wgmma reads both through descriptors: an A operand in
+// registers that the next step's dequantization writes makes ptxas
+// serialize the wgmma (C7513), which this layout avoids.
 //
-// k order: within a unit the mma's k pairs P = t + 4 i (the pairs lane t
-// holds in the A fragment over the unit's two k16 steps) stand for the
-// code pairs 4 t + i of AffinePairs (codes lo(p) and hi(p)), so lane t's
-// codes sit in one word (4-bit; two words at 8-bit) and dequantize as in
-// the mat-vec. The activations are staged in that order (a byte permute
-// per pair on their way to shared memory).
+// k order: within a unit, position pair P (values 2P, 2P + 1 of the tile
+// row) holds code pair P of AffinePairs (codes lo(P) and hi(P)). Lane t
+// dequantizes pairs 4 t .. 4 t + 3, which sit in one word (4-bit; two
+// words at 8-bit), and stores them as one 16-byte chunk per row and unit.
+// The activations are staged in the same order (a byte permute per pair
+// on their way to shared memory).
 //
-// Pipeline, step k: dequantize step k's weights (fetched two steps ahead),
-// fetch step k + 2's; fence and barrier (step k's activations, stored
-// during step k - 1, are visible); issue four wgmma on them; store step
-// k + 1's activations into the third buffer (last read by step k - 2,
-// done) and fetch step k + 2's; wait until only step k's wgmma is in
-// flight. The intent is that the dequantization of step k + 1 overlaps the
-// mma of step k; ptxas does not allow it (C7513: a non-wgmma instruction
-// defines a wgmma input register inside the pipeline stage) and serializes
-// the wgmma, yet the tile still beats affine_qmm_mma.cu by up to 15% on
-// an H100. The way out is A from shared memory as well (docs/benchmarks.md).
+// Pipeline, step k: fence and barrier (step k's stage, written during step
+// k - 1, is visible to the tensor cores); issue four wgmma on it; then
+// dequantize step k + 1's weights (fetched two steps before) into the next
+// stage, fetch step k + 3's, store step k + 1's activations there and load
+// step k + 2's; wait until only step k's wgmma is in flight. The stage
+// written in step k was last read by step k - 2's wgmma, which both
+// warpgroups finished before the barrier of step k.
 // Template: T, bits (1, 2, 4 or 8), group_size, BM (64 or 128).
 typedef AffineMma<T> Mma;
 typedef typename Mma::T2 T2;
 typedef AffinePairs<bits> Pairs;
 constexpr int BN = 128;  // weight rows per block
-constexpr int STAGE_BYTES = BM * 128;  // BM rows of 64 16-bit values
+constexpr int X_STAGE_BYTES = BM * 128;  // BM rows of 64 16-bit values
+constexpr int W_STAGE_BYTES = BN * 128;
+constexpr int STAGES = 3;
 constexpr int ACC = BM / 2;  // accumulators per thread (64 x BM per warpgroup)
 // Words of a unit that hold lane t's four code pairs.
 constexpr int LANE_WORDS = Pairs::half_word >= 4 ? 1 : 4 / Pairs::half_word;
@@ -40,8 +41,9 @@ constexpr int LANE_WORDS = Pairs::half_word >= 4 ? 1 : 4 / Pairs::half_word;
 constexpr int X_UNITS = (2 * BM + 255) / 256;
 extern __shared__ __align__(16) unsigned char affine_wgmma_shared[];
 // The swizzle needs 1024-byte aligned stages (the launcher adds 1 KB).
-unsigned char* const xs = reinterpret_cast<unsigned char*>(
+unsigned char* const ws = reinterpret_cast<unsigned char*>(
     (reinterpret_cast<size_t>(affine_wgmma_shared) + 1023) & ~static_cast<size_t>(1023));
+unsigned char* const xs = ws + STAGES * W_STAGE_BYTES;
 const int N = params[0];
 const int K = params[1];
 const int tid = threadIdx.x;
@@ -59,14 +61,20 @@ const int words_per_row = units * bits;
 const int groups_per_row = K / group_size;
 const int k_steps = (units + 1) / 2;
 
-// This lane's weight rows (rows past N read row N - 1, never stored), and
-// where its code pairs sit in a unit: word lane_word on, shifted down by
-// lane_shift so that they are the word's first four pairs.
+// This lane's rows of D (row and row + 8), and the weight rows it
+// dequantizes (w_row and w_row + 8; rows past N read row N - 1, never
+// stored). They need not match, since wgmma reads the weights from shared
+// memory: rows 16 w + q and 16 w + q + 4 for the lanes g = 2q, 2q + 1 of a
+// quarter warp put that quarter's 16-byte stores in eight different
+// swizzled chunks (rows differing only in bit 0 would share four).
 const int row = 16 * warp + g;
-const size_t row_lo = static_cast<size_t>(expert) * N + min(n0 + row, N - 1);
-const size_t row_hi = static_cast<size_t>(expert) * N + min(n0 + row + 8, N - 1);
+const int w_row = 16 * warp + (((g & 1) << 2) | (g >> 1));
+const size_t row_lo = static_cast<size_t>(expert) * N + min(n0 + w_row, N - 1);
+const size_t row_hi = static_cast<size_t>(expert) * N + min(n0 + w_row + 8, N - 1);
 const AffineRowPair<T> rows(
     w, scales, biases, row_lo, row_hi, words_per_row, groups_per_row);
+// Where the lane's code pairs sit in a unit: word lane_word on, shifted down
+// by lane_shift so that they are the word's first four pairs.
 const int lane_word = (4 * t) / Pairs::half_word;
 const int lane_shift = bits * ((4 * t) % Pairs::half_word);
 
@@ -90,9 +98,10 @@ auto fetch = [&](Fetched& f, int kt) {
     rows.group(uc * AFFINE_UNIT / group_size, f.sl[uu], f.bl[uu], f.sh[uu], f.bh[uu]);
   }
 };
-// The A fragments of a step's four k16 steps: step 2 uu + h takes the
-// unit's pairs i = 2 h (k columns 2t, 2t + 1) and 2 h + 1 (2t + 8, 2t + 9).
-auto dequantize = [&](const Fetched& f, uint32_t (&a)[4][4]) {
+// A step's weights into shared memory: per unit and row, this lane's four
+// pairs are 16-byte chunk 4 uu + t of the row, swizzled by the row.
+auto store_w = [&](const Fetched& f, int buf) {
+  unsigned char* stage = ws + buf * W_STAGE_BYTES;
 #pragma unroll
   for (int uu = 0; uu < 2; ++uu) {
     const T zero = static_cast<T>(0.0f);
@@ -108,14 +117,18 @@ auto dequantize = [&](const Fetched& f, uint32_t (&a)[4][4]) {
       lo[i] = f.lo[uu][i] >> lane_shift;
       hi[i] = f.hi[uu][i] >> lane_shift;
     }
+    uint32_t vlo[4], vhi[4];
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      uint32_t* frag = a[2 * uu + h];
-      frag[0] = affine_weight_pair<T, bits>(lo, 2 * h, sl2, bl2, slf, blf);
-      frag[1] = affine_weight_pair<T, bits>(hi, 2 * h, sh2, bh2, shf, bhf);
-      frag[2] = affine_weight_pair<T, bits>(lo, 2 * h + 1, sl2, bl2, slf, blf);
-      frag[3] = affine_weight_pair<T, bits>(hi, 2 * h + 1, sh2, bh2, shf, bhf);
+    for (int i = 0; i < 4; ++i) {
+      vlo[i] = affine_weight_pair<T, bits>(lo, i, sl2, bl2, slf, blf);
+      vhi[i] = affine_weight_pair<T, bits>(hi, i, sh2, bh2, shf, bhf);
     }
+    const int chunk = 4 * uu + t;
+    *reinterpret_cast<uint4*>(stage + w_row * 128 + 16 * (chunk ^ (w_row & 7))) =
+        make_uint4(vlo[0], vlo[1], vlo[2], vlo[3]);
+    *reinterpret_cast<uint4*>(
+        stage + (w_row + 8) * 128 + 16 * (chunk ^ ((w_row + 8) & 7))) =
+        make_uint4(vhi[0], vhi[1], vhi[2], vhi[3]);
   }
 };
 
@@ -149,11 +162,11 @@ auto load_x = [&](XFetched& xf, int kt) {
     }
   }
 };
-// Stores in the mma's k order: position pair P of the unit holds the
-// activations of code pair 4 (P % 4) + P / 4; 16-byte chunk c of the row
-// (pairs 4c .. 4c + 3) goes to chunk c ^ (row % 8).
+// Stores in the k order above: position pair P of the unit holds the
+// activations of code pair P; 16-byte chunk c of the row (pairs 4c ..
+// 4c + 3) goes to chunk c ^ (row % 8).
 auto store_x = [&](const XFetched& xf, int buf) {
-  unsigned char* stage = xs + buf * STAGE_BYTES;
+  unsigned char* stage = xs + buf * X_STAGE_BYTES;
 #pragma unroll
   for (int q = 0; q < X_UNITS; ++q) {
     const int e = tid + 256 * q;
@@ -166,7 +179,7 @@ auto store_x = [&](const XFetched& xf, int buf) {
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
           const int pair = 4 * c + j;
-          v[j] = Pairs::x_pair(xf.words[q], 4 * (pair % 4) + pair / 4);
+          v[j] = Pairs::x_pair(xf.words[q], pair);
         }
         const int chunk = (4 * uu + c) ^ (r & 7);
         *reinterpret_cast<uint4*>(stage + r * 128 + 16 * chunk) =
@@ -176,51 +189,51 @@ auto store_x = [&](const XFetched& xf, int buf) {
   }
 };
 
-uint32_t a_sets[2][4][4];
 float acc[ACC];
 #pragma unroll
 for (int i = 0; i < ACC; ++i) {
   acc[i] = 0.0f;
 }
-auto step = [&](int kt, Fetched& f, uint32_t (&a)[4][4], XFetched& xf) {
-  dequantize(f, a);
-  if (kt + 2 < k_steps) {
-    fetch(f, kt + 2);
-  }
+// This warpgroup's 64 weight rows of a weight stage.
+const int w_rows_offset = (warp / 4) * 64 * 128;
+// Step kt; `next` holds step kt + 1's weights and is refilled with kt + 3's.
+auto step = [&](int kt, Fetched& next, XFetched& xf) {
   affine_fence_proxy_async();
   __syncthreads();
-  // Everything a wgmma reads is defined before the fence: ptxas serializes
-  // the mma where other instructions write its inputs inside the stage.
-  const unsigned char* stage = xs + (kt % 3) * STAGE_BYTES;
-  unsigned long long desc[4];
+  const int buf = kt % STAGES;
+  const unsigned char* w_stage = ws + buf * W_STAGE_BYTES + w_rows_offset;
+  const unsigned char* x_stage = xs + buf * X_STAGE_BYTES;
+  unsigned long long w_desc[4], x_desc[4];
 #pragma unroll
   for (int s = 0; s < 4; ++s) {
-    desc[s] = affine_wgmma_desc(stage + 32 * s);
+    w_desc[s] = affine_wgmma_desc(w_stage + 32 * s);
+    x_desc[s] = affine_wgmma_desc(x_stage + 32 * s);
+  }
+#pragma unroll
+  for (int i = 0; i < ACC; ++i) {
+    affine_wgmma_pin(acc[i]);
   }
   affine_wgmma_fence();
 #pragma unroll
   for (int s = 0; s < 4; ++s) {
-    AffineWgmma<T, BM>::mma(acc, a[s], desc[s]);
+    AffineWgmma<T, BM>::mma(acc, w_desc[s], x_desc[s]);
   }
   affine_wgmma_commit();
   if (kt + 1 < k_steps) {
-    store_x(xf, (kt + 1) % 3);
+    const int next_buf = (kt + 1) % STAGES;
+    store_w(next, next_buf);
+    if (kt + 3 < k_steps) {
+      fetch(next, kt + 3);
+    }
+    store_x(xf, next_buf);
     if (kt + 2 < k_steps) {
       load_x(xf, kt + 2);
     }
   }
   affine_wgmma_wait<1>();
-  // Step k's fragments are read by its wgmma until the wait of step k + 1:
-  // a use of both sets here keeps the compiler from giving either set's
-  // registers to anything else in between (it sees the asm read them at
-  // issue, not later).
 #pragma unroll
-  for (int s = 0; s < 4; ++s) {
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      affine_wgmma_keep(a_sets[0][s][i]);
-      affine_wgmma_keep(a_sets[1][s][i]);
-    }
+  for (int i = 0; i < ACC; ++i) {
+    affine_wgmma_pin(acc[i]);
   }
 };
 
@@ -230,16 +243,20 @@ fetch(fetched[0], 0);
 if (k_steps > 1) {
   fetch(fetched[1], 1);
 }
+store_w(fetched[0], 0);
+if (k_steps > 2) {
+  fetch(fetched[0], 2);
+}
 load_x(xf, 0);
 store_x(xf, 0);
 if (k_steps > 1) {
   load_x(xf, 1);
 }
-// Two steps per trip with the register sets swapped: static indices.
+// Two steps per trip so the register sets have static indices.
 for (int kt = 0; kt < k_steps; kt += 2) {
-  step(kt, fetched[0], a_sets[0], xf);
+  step(kt, fetched[1], xf);
   if (kt + 1 < k_steps) {
-    step(kt + 1, fetched[1], a_sets[1], xf);
+    step(kt + 1, fetched[0], xf);
   }
 }
 affine_wgmma_wait<0>();

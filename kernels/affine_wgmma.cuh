@@ -41,14 +41,8 @@ __device__ __forceinline__ void affine_wgmma_pin(float& r) {
   asm volatile("" : "+f"(r)::"memory");
 }
 
-// A use of `r` the compiler cannot drop: it keeps a register live (and
-// unshared) up to here without writing it.
-__device__ __forceinline__ void affine_wgmma_keep(unsigned int r) {
-  asm volatile("" ::"r"(r) : "memory");
-}
-
-// D (64 x N, f32) += A (64 x 16, registers as the mma.sync m16n8k16 A
-// fragment of each warp's 16 rows) * B (16 x N, K-major in shared memory).
+// D (64 x N, f32) += A (64 x 16) * B (16 x N), both K-major tiles in
+// shared memory read through descriptors (affine_wgmma_desc).
 // One specialization per (type, N) below: the instruction names both, and
 // asm text cannot come from template parameters.
 template <typename T, int N>
@@ -56,7 +50,9 @@ struct AffineWgmma;
 
 // The accumulator operands: a thread holds N / 2 of D's floats, d[0] on,
 // eight per macro; and their placeholders in the instruction text.
-#define AFFINE_WGMMA_D8(o) "+f"(d[o]), "+f"(d[o + 1]), "+f"(d[o + 2]), "+f"(d[o + 3]), "+f"(d[o + 4]), "+f"(d[o + 5]), "+f"(d[o + 6]), "+f"(d[o + 7])
+#define AFFINE_WGMMA_D8(o)                                                  \
+  "+f"(d[o]), "+f"(d[o + 1]), "+f"(d[o + 2]), "+f"(d[o + 3]), "+f"(d[o + 4]), \
+      "+f"(d[o + 5]), "+f"(d[o + 6]), "+f"(d[o + 7])
 #define AFFINE_WGMMA_D32 \
   AFFINE_WGMMA_D8(0), AFFINE_WGMMA_D8(8), AFFINE_WGMMA_D8(16), AFFINE_WGMMA_D8(24)
 #define AFFINE_WGMMA_D64 \
@@ -70,27 +66,27 @@ struct AffineWgmma;
                    "%44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, " \
                    "%57, %58, %59, %60, %61, %62, %63"
 
-// A's four registers and B's descriptor follow the accumulators (A_REGS
-// names their placeholders); the trailing 1, 1, 1, 0 are D scaled by one,
-// A and B unnegated, B not transposed (K-major).
-#define AFFINE_WGMMA(CTYPE, PTX_TYPE, N, D_REGS, D_OPERANDS, A_REGS)                 \
+// A's and B's descriptors follow the accumulators (AB_REGS names their
+// placeholders); the trailing 1, 1, 1, 0, 0 are D scaled by one, A and B
+// unnegated, neither transposed (both K-major).
+#define AFFINE_WGMMA(CTYPE, PTX_TYPE, N, D_REGS, D_OPERANDS, AB_REGS)                \
   template <>                                                                      \
   struct AffineWgmma<CTYPE, N> {                                                   \
     static __device__ __forceinline__ void                                         \
-    mma(float* d, const unsigned int* a, unsigned long long b_desc) {              \
+    mma(float* d, unsigned long long a_desc, unsigned long long b_desc) {          \
       asm volatile("wgmma.mma_async.sync.aligned.m64n" #N "k16.f32." PTX_TYPE      \
-                   "." PTX_TYPE " {" D_REGS "}, " A_REGS ", 1, 1, 1, 0;\n"         \
+                   "." PTX_TYPE " {" D_REGS "}, " AB_REGS ", 1, 1, 1, 0, 0;\n"     \
                    : D_OPERANDS                                                    \
-                   : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b_desc));     \
+                   : "l"(a_desc), "l"(b_desc));                                    \
     }                                                                              \
   };
 
-AFFINE_WGMMA(__half, "f16", 64, AFFINE_WGMMA_R32, AFFINE_WGMMA_D32, "{%32, %33, %34, %35}, %36")
-AFFINE_WGMMA(__half, "f16", 128, AFFINE_WGMMA_R64, AFFINE_WGMMA_D64, "{%64, %65, %66, %67}, %68")
+AFFINE_WGMMA(__half, "f16", 64, AFFINE_WGMMA_R32, AFFINE_WGMMA_D32, "%32, %33")
+AFFINE_WGMMA(__half, "f16", 128, AFFINE_WGMMA_R64, AFFINE_WGMMA_D64, "%64, %65")
 AFFINE_WGMMA(__nv_bfloat16, "bf16", 64, AFFINE_WGMMA_R32, AFFINE_WGMMA_D32,
-             "{%32, %33, %34, %35}, %36")
+             "%32, %33")
 AFFINE_WGMMA(__nv_bfloat16, "bf16", 128, AFFINE_WGMMA_R64, AFFINE_WGMMA_D64,
-             "{%64, %65, %66, %67}, %68")
+             "%64, %65")
 
 #undef AFFINE_WGMMA
 #undef AFFINE_WGMMA_R64

@@ -82,9 +82,10 @@ _QMM_MMA = KernelSpec(
     dialects=("cuda",),
     shared_memory=_MMA_SHARED_BYTES,
 )
-# Its Hopper twin (wgmma, sm_90a only; whole-word widths): three activation
-# stages of 128 rows x 128 bytes, plus 1 KB to align them for the swizzle.
-_WGMMA_SHARED_BYTES = 3 * 128 * 128 + 1024
+# Its Hopper twin (wgmma, sm_90a only; whole-word widths): three stages of
+# 128 weight rows and up to 128 x rows, 128 bytes each (64 values of K),
+# plus 1 KB to align them for the swizzle.
+_WGMMA_SHARED_BYTES = 3 * (128 + 128) * 128 + 1024
 _QMM_WGMMA = KernelSpec(
     "affine_qmm_wgmma",
     _MATMUL_INPUTS,
