@@ -4,20 +4,26 @@
 // hold it to through the portable affine_qmm.metal).
 //
 // Block: 256 threads, two warpgroups. Weight rows are the wgmma M side:
-// warp w takes block rows 16 w .. 16 w + 15, and lane (g, t) dequantizes
-// rows g and g + 8 as the mat-vec does, then stores them to shared memory.
-// Activations are the N side: BM x rows (tokens). Both operands of a step
-// (64 values of K) are K-major tiles with the 128-byte swizzle, in three
-// stage buffers, and wgmma reads both through descriptors: an A operand in
-// registers that the next step's dequantization writes makes ptxas
-// serialize the wgmma (C7513), which this layout avoids.
+// warp w owns block rows 16 w .. 16 w + 15 and lane (g, t) dequantizes rows
+// g and g + 8 of them into shared memory. Activations are the N side: BM x
+// rows (tokens). Both operands of a step (64 values of K) are K-major tiles
+// with the 128-byte swizzle, in three stage buffers, and wgmma reads both
+// through descriptors (an A operand in registers that the next step's
+// dequantization writes makes ptxas serialize the wgmma, C7513).
+//
+// The tile is bound by the L1 (shared memory and global loads share its
+// wavefronts), so every access is shaped to touch as few 128-byte lines
+// per instruction as it can: a lane's weight words for a step are one
+// vector load; a quad loads its rows' four scale and bias values one per
+// lane and hands them round by shuffle; eight threads read each x row's
+// 128 bytes of the step.
 //
 // k order: within a unit, position pair P (values 2P, 2P + 1 of the tile
 // row) holds code pair P of AffinePairs (codes lo(P) and hi(P)). Lane t
-// dequantizes pairs 4 t .. 4 t + 3, which sit in one word (4-bit; two
-// words at 8-bit), and stores them as one 16-byte chunk per row and unit.
-// The activations are staged in the same order (a byte permute per pair
-// on their way to shared memory).
+// dequantizes step pairs 8 t .. 8 t + 7 (unit t / 2, which makes 16-byte
+// chunks 2 t and 2 t + 1 of the row). The activations are staged in the same
+// order; the pairs of one code word only mix the activations under that
+// word, so a thread permutes the bytes it loaded in place.
 //
 // Pipeline, step k: fence and barrier (step k's stage, written during step
 // k - 1, is visible to the tensor cores); issue four wgmma on it; then
@@ -35,14 +41,25 @@ constexpr int X_STAGE_BYTES = BM * 128;  // BM rows of 64 16-bit values
 constexpr int W_STAGE_BYTES = BN * 128;
 constexpr int STAGES = 3;
 constexpr int ACC = BM / 2;  // accumulators per thread (64 x BM per warpgroup)
-// Words of a unit that hold lane t's four code pairs.
-constexpr int LANE_WORDS = Pairs::half_word >= 4 ? 1 : 4 / Pairs::half_word;
-// Activation units (x row, unit) a thread stages per step.
-constexpr int X_UNITS = (2 * BM + 255) / 256;
+// A lane's code pairs of a row and step, and the words holding them.
+constexpr int LANE_PAIRS = 8;
+constexpr int LANE_WORDS =
+    LANE_PAIRS >= Pairs::half_word ? LANE_PAIRS / Pairs::half_word : 1;
+// Groups a step's two units span: two at group 32, else one.
+constexpr int STEP_GROUPS = group_size == AFFINE_UNIT ? 2 : 1;
+// Activation staging: a thread moves X_CHUNK bytes of one row's step, whole
+// code words' worth (so the pair permute stays inside them) and at least 16.
+constexpr int X_CHUNK = 64 / bits > 16 ? 64 / bits : 16;
+constexpr int X_REGIONS = 128 / X_CHUNK;  // per row and step
+constexpr int X_WORDS = X_CHUNK / 4;
+constexpr int X_ITEMS = (BM * X_REGIONS + 255) / 256;  // per thread
 extern __shared__ __align__(16) unsigned char affine_wgmma_shared[];
 // The swizzle needs 1024-byte aligned stages (the launcher adds 1 KB).
-unsigned char* const ws = reinterpret_cast<unsigned char*>(
-    (reinterpret_cast<size_t>(affine_wgmma_shared) + 1023) & ~static_cast<size_t>(1023));
+// Offsetting the array itself (not a cast address) keeps the compiler's
+// knowledge that these are shared: st.shared rather than generic stores.
+const unsigned int shared_base =
+    static_cast<unsigned int>(__cvta_generic_to_shared(affine_wgmma_shared));
+unsigned char* const ws = affine_wgmma_shared + ((1024u - (shared_base & 1023u)) & 1023u);
 unsigned char* const xs = ws + STAGES * W_STAGE_BYTES;
 const int N = params[0];
 const int K = params[1];
@@ -61,93 +78,139 @@ const int words_per_row = units * bits;
 const int groups_per_row = K / group_size;
 const int k_steps = (units + 1) / 2;
 
-// This lane's rows of D (row and row + 8), and the weight rows it
-// dequantizes (w_row and w_row + 8; rows past N read row N - 1, never
-// stored). They need not match, since wgmma reads the weights from shared
-// memory: rows 16 w + q and 16 w + q + 4 for the lanes g = 2q, 2q + 1 of a
-// quarter warp put that quarter's 16-byte stores in eight different
-// swizzled chunks (rows differing only in bit 0 would share four).
+// This lane's rows (row and row + 8, as in the D fragment; rows past N read
+// row N - 1 and are never stored). Lanes g and g + 1 of a quarter warp
+// differ in row bit 0, so their swizzled 16-byte stores never share banks.
 const int row = 16 * warp + g;
-const int w_row = 16 * warp + (((g & 1) << 2) | (g >> 1));
-const size_t row_lo = static_cast<size_t>(expert) * N + min(n0 + w_row, N - 1);
-const size_t row_hi = static_cast<size_t>(expert) * N + min(n0 + w_row + 8, N - 1);
+const size_t row_lo = static_cast<size_t>(expert) * N + min(n0 + row, N - 1);
+const size_t row_hi = static_cast<size_t>(expert) * N + min(n0 + row + 8, N - 1);
 const AffineRowPair<T> rows(
     w, scales, biases, row_lo, row_hi, words_per_row, groups_per_row);
-// Where the lane's code pairs sit in a unit: word lane_word on, shifted down
-// by lane_shift so that they are the word's first four pairs.
-const int lane_word = (4 * t) / Pairs::half_word;
-const int lane_shift = bits * ((4 * t) % Pairs::half_word);
+// Where the lane's code pairs sit: unit lane_unit of the step, word
+// lane_word of the unit on, shifted down by lane_shift so that they are
+// the first pairs of the words.
+const int lane_unit = t >> 1;
+const int lane_pair0 = LANE_PAIRS * (t & 1);
+const int lane_word = lane_pair0 / Pairs::half_word;
+const int lane_shift = bits * (lane_pair0 % Pairs::half_word);
+// The quad's scale and bias values of a step: array a (scale lo, bias lo,
+// scale hi, bias hi) of the step's unit u sits on quad lane
+// STEP_GROUPS == 1 ? a : 2 (a % 2) + u, in half a / 2 of its packed word.
+const T* sb_array[STEP_GROUPS];
+int sb_unit[STEP_GROUPS];
+#pragma unroll
+for (int j = 0; j < STEP_GROUPS; ++j) {
+  const int a = STEP_GROUPS == 1 ? t : 2 * j + (t >> 1);
+  sb_array[j] = a == 0 ? rows.s_lo : a == 1 ? rows.b_lo : a == 2 ? rows.s_hi : rows.b_hi;
+  sb_unit[j] = STEP_GROUPS == 1 ? 0 : (t & 1);
+}
 
 struct Fetched {
-  uint32_t lo[2][LANE_WORDS];
-  uint32_t hi[2][LANE_WORDS];
-  T sl[2], bl[2], sh[2], bh[2];
-  bool valid[2];
+  uint32_t lo[LANE_WORDS];
+  uint32_t hi[LANE_WORDS];
+  T sb[STEP_GROUPS];
+  bool valid;
 };
-auto fetch = [&](Fetched& f, int kt) {
-#pragma unroll
-  for (int uu = 0; uu < 2; ++uu) {
-    const int u = 2 * kt + uu;
-    f.valid[uu] = u < units;  // a unit past K: zero weights
-    const int uc = min(u, units - 1);
-#pragma unroll
-    for (int i = 0; i < LANE_WORDS; ++i) {
-      f.lo[uu][i] = rows.w_lo[uc * bits + lane_word + i];
-      f.hi[uu][i] = rows.w_hi[uc * bits + lane_word + i];
-    }
-    rows.group(uc * AFFINE_UNIT / group_size, f.sl[uu], f.bl[uu], f.sh[uu], f.bh[uu]);
+auto load_words = [&](uint32_t* dst, const uint32_t* src) {
+  if constexpr (LANE_WORDS == 4) {
+    const uint4 v = *reinterpret_cast<const uint4*>(src);
+    dst[0] = v.x;
+    dst[1] = v.y;
+    dst[2] = v.z;
+    dst[3] = v.w;
+  } else if constexpr (LANE_WORDS == 2) {
+    const uint2 v = *reinterpret_cast<const uint2*>(src);
+    dst[0] = v.x;
+    dst[1] = v.y;
+  } else {
+    dst[0] = *src;
   }
 };
-// A step's weights into shared memory: per unit and row, this lane's four
-// pairs are 16-byte chunk 4 uu + t of the row, swizzled by the row.
+auto fetch = [&](Fetched& f, int kt) {
+  const int u = 2 * kt + lane_unit;
+  f.valid = u < units;  // a unit past K: zero weights
+  const int uc = min(u, units - 1);
+  load_words(f.lo, rows.w_lo + uc * bits + lane_word);
+  load_words(f.hi, rows.w_hi + uc * bits + lane_word);
+#pragma unroll
+  for (int j = 0; j < STEP_GROUPS; ++j) {
+    const int group_unit = min(2 * kt + sb_unit[j], units - 1);
+    f.sb[j] = sb_array[j][group_unit * AFFINE_UNIT / group_size];
+  }
+};
+auto bits16 = [](T v) {
+  return static_cast<uint32_t>(*reinterpret_cast<const unsigned short*>(&v));
+};
+auto from_bits16 = [](uint32_t v) {
+  const unsigned short h = static_cast<unsigned short>(v);
+  return *reinterpret_cast<const T*>(&h);
+};
+// A step's weights into shared memory: pairs 8 t .. 8 t + 3 of each row go
+// to 16-byte chunk 2 t, the next four to chunk 2 t + 1, swizzled by the row.
 auto store_w = [&](const Fetched& f, int buf) {
   unsigned char* stage = ws + buf * W_STAGE_BYTES;
+  const uint32_t packed =
+      bits16(f.sb[0]) | (STEP_GROUPS == 2 ? bits16(f.sb[STEP_GROUPS - 1]) << 16 : 0u);
+  T sb[4];
 #pragma unroll
-  for (int uu = 0; uu < 2; ++uu) {
-    const T zero = static_cast<T>(0.0f);
-    const T sl = f.valid[uu] ? f.sl[uu] : zero, bl = f.valid[uu] ? f.bl[uu] : zero;
-    const T sh = f.valid[uu] ? f.sh[uu] : zero, bh = f.valid[uu] ? f.bh[uu] : zero;
-    const T2 sl2 = Mma::splat(sl), bl2 = Mma::splat(bl);
-    const T2 sh2 = Mma::splat(sh), bh2 = Mma::splat(bh);
-    const float slf = static_cast<float>(sl), blf = static_cast<float>(bl);
-    const float shf = static_cast<float>(sh), bhf = static_cast<float>(bh);
-    uint32_t lo[LANE_WORDS], hi[LANE_WORDS];
+  for (int a = 0; a < 4; ++a) {
+    const int source = (lane & ~3) | (STEP_GROUPS == 1 ? a : 2 * (a & 1) + lane_unit);
+    const uint32_t v = __shfl_sync(0xFFFFFFFFu, packed, source);
+    sb[a] = f.valid ? from_bits16(v >> (16 * (a >> 1) * (STEP_GROUPS - 1)))
+                    : static_cast<T>(0.0f);
+  }
+  const T2 sl2 = Mma::splat(sb[0]), bl2 = Mma::splat(sb[1]);
+  const T2 sh2 = Mma::splat(sb[2]), bh2 = Mma::splat(sb[3]);
+  const float slf = static_cast<float>(sb[0]), blf = static_cast<float>(sb[1]);
+  const float shf = static_cast<float>(sb[2]), bhf = static_cast<float>(sb[3]);
+  uint32_t lo[LANE_WORDS], hi[LANE_WORDS];
 #pragma unroll
-    for (int i = 0; i < LANE_WORDS; ++i) {
-      lo[i] = f.lo[uu][i] >> lane_shift;
-      hi[i] = f.hi[uu][i] >> lane_shift;
-    }
-    uint32_t vlo[4], vhi[4];
+  for (int i = 0; i < LANE_WORDS; ++i) {
+    lo[i] = f.lo[i] >> lane_shift;
+    hi[i] = f.hi[i] >> lane_shift;
+  }
+  uint32_t vlo[LANE_PAIRS], vhi[LANE_PAIRS];
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      vlo[i] = affine_weight_pair<T, bits>(lo, i, sl2, bl2, slf, blf);
-      vhi[i] = affine_weight_pair<T, bits>(hi, i, sh2, bh2, shf, bhf);
-    }
-    const int chunk = 4 * uu + t;
-    *reinterpret_cast<uint4*>(stage + w_row * 128 + 16 * (chunk ^ (w_row & 7))) =
-        make_uint4(vlo[0], vlo[1], vlo[2], vlo[3]);
-    *reinterpret_cast<uint4*>(
-        stage + (w_row + 8) * 128 + 16 * (chunk ^ ((w_row + 8) & 7))) =
-        make_uint4(vhi[0], vhi[1], vhi[2], vhi[3]);
+  for (int i = 0; i < LANE_PAIRS; ++i) {
+    vlo[i] = affine_weight_pair<T, bits>(lo, i, sl2, bl2, slf, blf);
+    vhi[i] = affine_weight_pair<T, bits>(hi, i, sh2, bh2, shf, bhf);
+  }
+#pragma unroll
+  for (int c = 0; c < 2; ++c) {
+    const int chunk = 2 * t + c;
+    *reinterpret_cast<uint4*>(stage + row * 128 + 16 * (chunk ^ (row & 7))) =
+        make_uint4(vlo[4 * c], vlo[4 * c + 1], vlo[4 * c + 2], vlo[4 * c + 3]);
+    *reinterpret_cast<uint4*>(stage + (row + 8) * 128 + 16 * (chunk ^ ((row + 8) & 7))) =
+        make_uint4(vhi[4 * c], vhi[4 * c + 1], vhi[4 * c + 2], vhi[4 * c + 3]);
   }
 };
 
-// Activations: thread unit e = tid + 256 q is x row e / 2, unit e % 2 of
-// the step; rows past the tile and units past K stage zeros.
+// Activations: thread item e = tid + 256 q is region e % X_REGIONS (bytes
+// X_CHUNK r.. of the step) of x row e / X_REGIONS; rows past the tile and
+// units past K stage zeros.
 struct XFetched {
-  uint32_t words[X_UNITS][16];
+  uint32_t words[X_ITEMS][X_WORDS];
 };
+// Each item's row start (null past the tile), looked up once.
+const T* x_row[X_ITEMS];
+#pragma unroll
+for (int q = 0; q < X_ITEMS; ++q) {
+  const int e = tid + 256 * q;
+  const int r = e / X_REGIONS;
+  x_row[q] = e < BM * X_REGIONS && r < count
+      ? x + static_cast<size_t>(slot_x[slot0 + r]) * K + (e % X_REGIONS) * (X_CHUNK / 2)
+      : nullptr;
+}
 auto load_x = [&](XFetched& xf, int kt) {
 #pragma unroll
-  for (int q = 0; q < X_UNITS; ++q) {
+  for (int q = 0; q < X_ITEMS; ++q) {
     const int e = tid + 256 * q;
-    const int r = e >> 1;
-    const int u = 2 * kt + (e & 1);
-    if (e < 2 * BM && r < count && u < units) {
-      const uint4* src = reinterpret_cast<const uint4*>(
-          x + static_cast<size_t>(slot_x[slot0 + r]) * K + u * AFFINE_UNIT);
+    const int value0 = (e % X_REGIONS) * (X_CHUNK / 2);  // into the step
+    const int u = 2 * kt + value0 / AFFINE_UNIT;
+    if (x_row[q] != nullptr && u < units) {
+      const uint4* src = reinterpret_cast<const uint4*>(x_row[q] + 64 * kt);
 #pragma unroll
-      for (int c = 0; c < 4; ++c) {
+      for (int c = 0; c < X_CHUNK / 16; ++c) {
         const uint4 v = src[c];
         xf.words[q][4 * c] = v.x;
         xf.words[q][4 * c + 1] = v.y;
@@ -156,34 +219,31 @@ auto load_x = [&](XFetched& xf, int kt) {
       }
     } else {
 #pragma unroll
-      for (int i = 0; i < 16; ++i) {
+      for (int i = 0; i < X_WORDS; ++i) {
         xf.words[q][i] = 0u;
       }
     }
   }
 };
-// Stores in the k order above: position pair P of the unit holds the
-// activations of code pair P; 16-byte chunk c of the row (pairs 4c ..
-// 4c + 3) goes to chunk c ^ (row % 8).
+// Stores in the k order above: pair j of a region holds the activations of
+// its code pair j, and 16-byte chunk c of the row goes to chunk c ^ (row % 8).
 auto store_x = [&](const XFetched& xf, int buf) {
   unsigned char* stage = xs + buf * X_STAGE_BYTES;
 #pragma unroll
-  for (int q = 0; q < X_UNITS; ++q) {
+  for (int q = 0; q < X_ITEMS; ++q) {
     const int e = tid + 256 * q;
-    if (e < 2 * BM) {
-      const int r = e >> 1;
-      const int uu = e & 1;
+    if (e < BM * X_REGIONS) {
+      const int r = e / X_REGIONS;
+      const int chunk0 = (e % X_REGIONS) * (X_CHUNK / 16);
+      uint32_t v[X_WORDS];
 #pragma unroll
-      for (int c = 0; c < 4; ++c) {
-        uint32_t v[4];
+      for (int j = 0; j < X_WORDS; ++j) {
+        v[j] = Pairs::x_pair(xf.words[q], j);
+      }
 #pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          const int pair = 4 * c + j;
-          v[j] = Pairs::x_pair(xf.words[q], pair);
-        }
-        const int chunk = (4 * uu + c) ^ (r & 7);
-        *reinterpret_cast<uint4*>(stage + r * 128 + 16 * chunk) =
-            make_uint4(v[0], v[1], v[2], v[3]);
+      for (int c = 0; c < X_CHUNK / 16; ++c) {
+        *reinterpret_cast<uint4*>(stage + r * 128 + 16 * ((chunk0 + c) ^ (r & 7))) =
+            make_uint4(v[4 * c], v[4 * c + 1], v[4 * c + 2], v[4 * c + 3]);
       }
     }
   }
