@@ -29,7 +29,8 @@
 // k - 1, is visible to the tensor cores); issue four wgmma on it; then
 // dequantize step k + 1's weights (fetched two steps before) into the next
 // stage, fetch step k + 3's, store step k + 1's activations there and load
-// step k + 2's; wait until only step k's wgmma is in flight. The stage
+// step k + 3's (two register sets of each, so every load has two steps to
+// arrive); wait until only step k's wgmma is in flight. The stage
 // written in step k was last read by step k - 2's wgmma, which both
 // warpgroups finished before the barrier of step k.
 // Template: T, bits (1, 2, 4 or 8), group_size, BM (64 or 128).
@@ -257,7 +258,7 @@ for (int i = 0; i < ACC; ++i) {
 // This warpgroup's 64 weight rows of a weight stage.
 const int w_rows_offset = (warp / 4) * 64 * 128;
 // Step kt; `next` holds step kt + 1's weights and is refilled with kt + 3's.
-auto step = [&](int kt, Fetched& next, XFetched& xf) {
+auto step = [&](int kt, Fetched& next, XFetched& x_next) {
   affine_fence_proxy_async();
   __syncthreads();
   const int buf = kt % STAGES;
@@ -285,9 +286,9 @@ auto step = [&](int kt, Fetched& next, XFetched& xf) {
     if (kt + 3 < k_steps) {
       fetch(next, kt + 3);
     }
-    store_x(xf, next_buf);
-    if (kt + 2 < k_steps) {
-      load_x(xf, kt + 2);
+    store_x(x_next, next_buf);
+    if (kt + 3 < k_steps) {
+      load_x(x_next, kt + 3);
     }
   }
   affine_wgmma_wait<1>();
@@ -298,25 +299,24 @@ auto step = [&](int kt, Fetched& next, XFetched& xf) {
 };
 
 Fetched fetched[2];
-XFetched xf;
+XFetched x_fetched[2];
 fetch(fetched[0], 0);
+load_x(x_fetched[0], 0);
 if (k_steps > 1) {
   fetch(fetched[1], 1);
+  load_x(x_fetched[1], 1);
 }
 store_w(fetched[0], 0);
+store_x(x_fetched[0], 0);
 if (k_steps > 2) {
   fetch(fetched[0], 2);
-}
-load_x(xf, 0);
-store_x(xf, 0);
-if (k_steps > 1) {
-  load_x(xf, 1);
+  load_x(x_fetched[0], 2);
 }
 // Two steps per trip so the register sets have static indices.
 for (int kt = 0; kt < k_steps; kt += 2) {
-  step(kt, fetched[1], xf);
+  step(kt, fetched[1], x_fetched[1]);
   if (kt + 1 < k_steps) {
-    step(kt + 1, fetched[0], xf);
+    step(kt + 1, fetched[0], x_fetched[0]);
   }
 }
 affine_wgmma_wait<0>();
