@@ -75,6 +75,18 @@ def _affine_calls(dtype, bits, group_size, decode_rows=(1,), prefill=True):
     return out
 
 
+def _tall_prefill():
+    """Prefill with 128 x rows, the tile height the tensor-core kernels take
+    for long prompts (the calls above stay at 64), in half and bfloat16."""
+    w_q, scales, biases = mqo.quantize(mx.zeros((40, 128), mx.float16))
+    return [
+        mqo.quantized_matmul(
+            mx.zeros((128, 128), dtype), w_q, scales.astype(dtype), biases.astype(dtype)
+        )
+        for dtype in (mx.float16, mx.bfloat16)
+    ]
+
+
 def exercise_affine():
     # Every bit width at group 64 in half (all kernels), every dtype and
     # group size at 4 bits, and the decode kernel's x-row variants: the
@@ -92,6 +104,7 @@ def exercise_affine():
         # on tensor cores), with one and two n8 tiles of x rows.
         outputs += _affine_calls(mx.bfloat16, bits, 64, (1, 13))
     outputs += _affine_calls(mx.bfloat16, 4, 64, decode_rows=(2, 3, 8), prefill=False)
+    outputs += _tall_prefill()
     # A long K on a short N: the tensor-core mat-vec splits K over 8 warps.
     w_q, scales, biases = mqo.quantize(mx.zeros((16, 4096), mx.float16))
     outputs.append(
@@ -107,7 +120,7 @@ def exercise_affine_pre_hopper():
     for dtype in (mx.float16, mx.bfloat16):
         for bits in mqo.affine.AFFINE_BITS:
             outputs += _affine_calls(dtype, bits, 64, decode_rows=())
-    return outputs
+    return outputs + _tall_prefill()
 
 
 #: family name -> (a function calling that family's public ops so that every
