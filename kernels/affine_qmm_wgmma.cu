@@ -97,14 +97,15 @@ const int lane_shift = bits * (lane_pair0 % Pairs::half_word);
 // The quad's scale and bias values of a step: array a (scale lo, bias lo,
 // scale hi, bias hi) of the step's unit u sits on quad lane
 // STEP_GROUPS == 1 ? a : 2 (a % 2) + u, in half a / 2 of its packed word.
+// So this lane fetches, for each of its STEP_GROUPS values, the group of
+// unit sb_unit of the step in array sb_array[j].
 const T* sb_array[STEP_GROUPS];
-int sb_unit[STEP_GROUPS];
 #pragma unroll
 for (int j = 0; j < STEP_GROUPS; ++j) {
   const int a = STEP_GROUPS == 1 ? t : 2 * j + (t >> 1);
   sb_array[j] = a == 0 ? rows.s_lo : a == 1 ? rows.b_lo : a == 2 ? rows.s_hi : rows.b_hi;
-  sb_unit[j] = STEP_GROUPS == 1 ? 0 : (t & 1);
 }
+const int sb_unit = STEP_GROUPS == 1 ? 0 : (t & 1);
 
 struct Fetched {
   uint32_t lo[LANE_WORDS];
@@ -112,30 +113,17 @@ struct Fetched {
   T sb[STEP_GROUPS];
   bool valid;
 };
-auto load_words = [&](uint32_t* dst, const uint32_t* src) {
-  if constexpr (LANE_WORDS == 4) {
-    const uint4 v = *reinterpret_cast<const uint4*>(src);
-    dst[0] = v.x;
-    dst[1] = v.y;
-    dst[2] = v.z;
-    dst[3] = v.w;
-  } else if constexpr (LANE_WORDS == 2) {
-    const uint2 v = *reinterpret_cast<const uint2*>(src);
-    dst[0] = v.x;
-    dst[1] = v.y;
-  } else {
-    dst[0] = *src;
-  }
-};
 auto fetch = [&](Fetched& f, int kt) {
   const int u = 2 * kt + lane_unit;
   f.valid = u < units;  // a unit past K: zero weights
   const int uc = min(u, units - 1);
-  load_words(f.lo, rows.w_lo + uc * bits + lane_word);
-  load_words(f.hi, rows.w_hi + uc * bits + lane_word);
+  // AffineUnit<n> loads n consecutive words as one vector where n is 2 or
+  // 4; the lane's words start at a multiple of LANE_WORDS, so they align.
+  AffineUnit<LANE_WORDS>::load(rows.w_lo + uc * bits + lane_word, f.lo);
+  AffineUnit<LANE_WORDS>::load(rows.w_hi + uc * bits + lane_word, f.hi);
+  const int group_unit = min(2 * kt + sb_unit, units - 1);
 #pragma unroll
   for (int j = 0; j < STEP_GROUPS; ++j) {
-    const int group_unit = min(2 * kt + sb_unit[j], units - 1);
     f.sb[j] = sb_array[j][group_unit * AFFINE_UNIT / group_size];
   }
 };
