@@ -95,7 +95,8 @@ _QMM_WGMMA = KernelSpec(
     dialects=("cuda",),
     shared_memory=_WGMMA_SHARED_BYTES,
 )
-_WGMMA_BITS = (1, 2, 4, 8)
+# Widths whose codes pair within words (AffinePairs' whole_words): 1, 2, 4, 8.
+_WGMMA_BITS = tuple(b for b in AFFINE_BITS if WORD_BITS % b == 0)
 _WGMMA_ARCHITECTURES = ("sm_90",)  # wgmma exists on sm_90a alone
 _THREADS = 256  # elementwise kernels: threads per threadgroup
 _SIMD = 32
