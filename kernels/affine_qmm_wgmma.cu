@@ -29,11 +29,10 @@
 // k - 1, is visible to the tensor cores); issue four wgmma on it; then
 // dequantize step k + 1's weights (fetched two steps before) into the next
 // stage, fetch step k + 3's, store step k + 1's activations there and load
-// step k + 3's (two register sets of each, so every load has two steps to
-// arrive); wait until only step k's wgmma is in flight. The stage
+// step k + 1 + X_SETS's; wait until only step k's wgmma is in flight. The stage
 // written in step k was last read by step k - 2's wgmma, which both
 // warpgroups finished before the barrier of step k.
-// Template: T, bits (1, 2, 4 or 8), group_size, BM (64 or 128).
+// Template: T, bits (1, 2, 4 or 8), group_size, BM (64, 128 or 256).
 typedef AffineMma<T> Mma;
 typedef typename Mma::T2 T2;
 typedef AffinePairs<bits> Pairs;
@@ -54,6 +53,9 @@ constexpr int X_CHUNK = 64 / bits > 16 ? 64 / bits : 16;
 constexpr int X_REGIONS = 128 / X_CHUNK;  // per row and step
 constexpr int X_WORDS = X_CHUNK / 4;
 constexpr int X_ITEMS = (BM * X_REGIONS + 255) / 256;  // per thread
+// Register sets of activations in flight: two (each load gets two steps to
+// arrive) where the registers allow, one at BM = 256.
+constexpr int X_SETS = BM > 128 ? 1 : 2;
 extern __shared__ __align__(16) unsigned char affine_wgmma_shared[];
 // The swizzle needs 1024-byte aligned stages (the launcher adds 1 KB).
 // Offsetting the array itself (not a cast address) keeps the compiler's
@@ -275,8 +277,8 @@ auto step = [&](int kt, Fetched& next, XFetched& x_next) {
       fetch(next, kt + 3);
     }
     store_x(x_next, next_buf);
-    if (kt + 3 < k_steps) {
-      load_x(x_next, kt + 3);
+    if (kt + 1 + X_SETS < k_steps) {
+      load_x(x_next, kt + 1 + X_SETS);
     }
   }
   affine_wgmma_wait<1>();
@@ -287,22 +289,26 @@ auto step = [&](int kt, Fetched& next, XFetched& x_next) {
 };
 
 Fetched fetched[2];
-XFetched x_fetched[2];
+XFetched x_fetched[X_SETS];
 fetch(fetched[0], 0);
 load_x(x_fetched[0], 0);
 if (k_steps > 1) {
   fetch(fetched[1], 1);
-  load_x(x_fetched[1], 1);
+  if (X_SETS == 2) {
+    load_x(x_fetched[X_SETS - 1], 1);
+  }
 }
 store_w(fetched[0], 0);
 store_x(x_fetched[0], 0);
 if (k_steps > 2) {
   fetch(fetched[0], 2);
-  load_x(x_fetched[0], 2);
+}
+if (k_steps > X_SETS) {
+  load_x(x_fetched[0], X_SETS);
 }
 // Two steps per trip so the register sets have static indices.
 for (int kt = 0; kt < k_steps; kt += 2) {
-  step(kt, fetched[1], x_fetched[1]);
+  step(kt, fetched[1], x_fetched[X_SETS - 1]);
   if (kt + 1 < k_steps) {
     step(kt + 1, fetched[0], x_fetched[0]);
   }

@@ -58,6 +58,10 @@ struct AffineWgmma;
 #define AFFINE_WGMMA_D64 \
   AFFINE_WGMMA_D32, AFFINE_WGMMA_D8(32), AFFINE_WGMMA_D8(40), AFFINE_WGMMA_D8(48), \
       AFFINE_WGMMA_D8(56)
+#define AFFINE_WGMMA_D128                                                     \
+  AFFINE_WGMMA_D64, AFFINE_WGMMA_D8(64), AFFINE_WGMMA_D8(72), AFFINE_WGMMA_D8(80), \
+      AFFINE_WGMMA_D8(88), AFFINE_WGMMA_D8(96), AFFINE_WGMMA_D8(104),              \
+      AFFINE_WGMMA_D8(112), AFFINE_WGMMA_D8(120)
 #define AFFINE_WGMMA_R32 \
   "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
   "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
@@ -65,6 +69,7 @@ struct AffineWgmma;
   AFFINE_WGMMA_R32 ", %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, " \
                    "%44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, " \
                    "%57, %58, %59, %60, %61, %62, %63"
+#define AFFINE_WGMMA_R128 AFFINE_WGMMA_R64 ", " "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79" ", " "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95" ", " "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111" ", " "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127"
 
 // A's and B's descriptors follow the accumulators (AB_REGS names their
 // placeholders); the trailing 1, 1, 1, 0, 0 are D scaled by one, A and B
@@ -87,10 +92,15 @@ AFFINE_WGMMA(__nv_bfloat16, "bf16", 64, AFFINE_WGMMA_R32, AFFINE_WGMMA_D32,
              "%32, %33")
 AFFINE_WGMMA(__nv_bfloat16, "bf16", 128, AFFINE_WGMMA_R64, AFFINE_WGMMA_D64,
              "%64, %65")
+AFFINE_WGMMA(__half, "f16", 256, AFFINE_WGMMA_R128, AFFINE_WGMMA_D128, "%128, %129")
+AFFINE_WGMMA(__nv_bfloat16, "bf16", 256, AFFINE_WGMMA_R128, AFFINE_WGMMA_D128,
+             "%128, %129")
 
 #undef AFFINE_WGMMA
+#undef AFFINE_WGMMA_R128
 #undef AFFINE_WGMMA_R64
 #undef AFFINE_WGMMA_R32
+#undef AFFINE_WGMMA_D128
 #undef AFFINE_WGMMA_D64
 #undef AFFINE_WGMMA_D32
 #undef AFFINE_WGMMA_D8

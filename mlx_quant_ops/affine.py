@@ -20,6 +20,7 @@ validates once and dispatches on the stream's device. The matmuls are
 and ``biases`` follow the same path as the forward pass.
 """
 
+import dataclasses
 import functools
 from typing import Optional, Tuple
 
@@ -82,10 +83,15 @@ _QMM_MMA = KernelSpec(
     dialects=("cuda",),
     shared_memory=_MMA_SHARED_BYTES,
 )
+
+
 # Its Hopper twin (wgmma, sm_90a only; whole-word widths): three stages of
-# 128 weight rows and up to 128 x rows, 128 bytes each (64 values of K),
-# plus 1 KB to align them for the swizzle.
-_WGMMA_SHARED_BYTES = 3 * (128 + 128) * 128 + 1024
+# 128 weight rows and BM x rows, 128 bytes each (64 values of K), plus 1 KB
+# to align them for the swizzle.
+def _wgmma_shared_bytes(tile_rows: int) -> int:
+    return 3 * (128 + tile_rows) * 128 + 1024
+
+
 _QMM_WGMMA = KernelSpec(
     "affine_qmm_wgmma",
     _MATMUL_INPUTS,
@@ -93,7 +99,16 @@ _QMM_WGMMA = KernelSpec(
     _MMA_HEADERS + ("affine_wgmma.cuh",),
     body_file="affine_qmm_wgmma.cu",
     dialects=("cuda",),
-    shared_memory=_WGMMA_SHARED_BYTES,
+    shared_memory=_wgmma_shared_bytes(128),
+)
+# With 256 x rows a block (m64n256 per warpgroup) each dequantized weight
+# serves twice the tokens; it pays once an expert has that many rows. At 8
+# bits its registers would spill (nvcc 13.0 for sm_90a), so 8 bits stays at
+# 128.
+_WGMMA_TALL_ROWS = 256
+_WGMMA_TALL_BITS = (1, 2, 4)
+_QMM_WGMMA_TALL = dataclasses.replace(
+    _QMM_WGMMA, shared_memory=_wgmma_shared_bytes(_WGMMA_TALL_ROWS)
 )
 # Widths whose codes pair within words (AffinePairs' whole_words): 1, 2, 4, 8.
 _WGMMA_BITS = tuple(b for b in AFFINE_BITS if WORD_BITS % b == 0)
@@ -717,10 +732,12 @@ def _matmul_rows_kernel(
         )
     if mma:
         spec, (tile_rows, columns, threads) = _QMM_MMA, _MMA_TILE
-        if _wgmma(bits):
-            spec = _QMM_WGMMA  # same tiles, grid and inputs
         if longest >= _MMA_TALL_ROWS:
             tile_rows = _MMA_TALL_ROWS
+        if _wgmma(bits):
+            spec = _QMM_WGMMA  # same tiles, grid and inputs
+            if longest >= _WGMMA_TALL_ROWS and bits in _WGMMA_TALL_BITS:
+                spec, tile_rows = _QMM_WGMMA_TALL, _WGMMA_TALL_ROWS
         template.append(("BM", tile_rows))
     else:
         spec = _QMM if transpose else _QMM_N
@@ -737,7 +754,7 @@ def _matmul_rows_kernel(
     # share a weight tile run together and find it in L2.
     grid = (
         (n_tiles * threads, n_blocks)
-        if spec in (_QMM_MMA, _QMM_WGMMA)
+        if spec in (_QMM_MMA, _QMM_WGMMA, _QMM_WGMMA_TALL)
         else (
             n_blocks * threads,
             n_tiles,

@@ -725,8 +725,19 @@ def test_dispatcher_picks_kernel_by_shape():
         mx.zeros((17, 256), mx.float16), *w3, bits=3
     )
     assert picked(three_bits) == [("affine_qmm_mma", None)]
-    tall = record_launches(qmm(128))
-    assert [dict(l.template)["BM"] for l in tall] == [128]
+
+    def tile_rows(fn, architecture=HOPPER):
+        return [dict(l.template)["BM"] for l in record_launches(fn, architecture)]
+
+    assert tile_rows(qmm(128)) == [128]
+    # 256 rows take the m64n256 wgmma tile at up to 4 bits, on Hopper only.
+    assert tile_rows(qmm(256)) == [256]
+    assert tile_rows(qmm(256), "sm_80") == [128]
+    w8 = _packed((300, 256), 8, 64, mx.float16)
+    eight_bits = lambda: mqo.quantized_matmul(
+        mx.zeros((256, 256), mx.float16), *w8, bits=8
+    )
+    assert tile_rows(eight_bits) == [128]
     assert picked(qmm(1, mx.float32)) == [("affine_qmv", 1)]
     assert picked(qmm(3, mx.float32)) == [("affine_qmv", 4)]
     assert picked(qmm(5, mx.float32)) == [("affine_qmv", 8)]
