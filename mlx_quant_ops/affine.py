@@ -750,16 +750,9 @@ def _matmul_rows_kernel(
         n_tiles = len(tiles)
         tiles, slot_x, slot_out = (mx.array(a) for a in (tiles, slot_x, slot_out))
     n_blocks = ceil_to(n, columns) // columns
-    # The tensor-core kernel takes row tiles along grid x, so the blocks that
+    # The tensor-core kernels take row tiles along grid x, so the blocks that
     # share a weight tile run together and find it in L2.
-    grid = (
-        (n_tiles * threads, n_blocks)
-        if spec in (_QMM_MMA, _QMM_WGMMA, _QMM_WGMMA_TALL)
-        else (
-            n_blocks * threads,
-            n_tiles,
-        )
-    )
+    grid = (n_tiles * threads, n_blocks) if mma else (n_blocks * threads, n_tiles)
     _check_grid_rows(grid[1])
     return launch(
         spec,
