@@ -232,6 +232,73 @@ __device__ __forceinline__ unsigned int affine_weight_neighbours(
   }
 }
 
+// The activations of unit `unit` that lane (g, t) feeds to the mma as B:
+// 16 words (the unit's 32 values) from the x row of column g of each n8
+// tile j, read for tile 0 and for later tiles while `columns` (x rows in
+// use) reaches them, a condition uniform across the warp.
+template <typename T, int XT>
+__device__ __forceinline__ void affine_load_x_unit(
+    uint32_t (&xw)[XT][16], const T* const* xp, int unit, int columns) {
+#pragma unroll
+  for (int j = 0; j < XT; ++j) {
+    if (j == 0 || 8 * j < columns) {
+      const uint4* xv = reinterpret_cast<const uint4*>(xp[j] + unit * AFFINE_UNIT);
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        const uint4 v = xv[q];
+        xw[j][4 * q] = v.x;
+        xw[j][4 * q + 1] = v.y;
+        xw[j][4 * q + 2] = v.z;
+        xw[j][4 * q + 3] = v.w;
+      }
+    }
+  }
+}
+
+// One 32-value unit through the tensor cores for lane (g, t) of a 16-row
+// tile: the codes of rows g (`lo`, `bits` words) and g + 8 (`hi`) become
+// weights with their groups' scales and biases (zeros for a lane past its
+// range, so it adds nothing), and eight m16n8k16 steps add them times the
+// activations xw (affine_load_x_unit) into acc, one n8 tile j at a time.
+// Step s takes pairs 2s and 2s + 1 as the k-columns {2t, 2t + 1} and
+// {2t + 8, 2t + 9} of A, and the activations of the same pairs as B.
+template <typename T, int bits, int XT>
+__device__ __forceinline__ void affine_unit_mma(
+    float (&acc)[XT][4],
+    const uint32_t* lo,
+    const uint32_t* hi,
+    T sl,
+    T bl,
+    T sh,
+    T bh,
+    const uint32_t (&xw)[XT][16],
+    int columns) {
+  typedef AffineMma<T> Mma;
+  typedef typename Mma::T2 T2;
+  typedef AffinePairs<bits> Pairs;
+  const T2 sl2 = Mma::splat(sl), bl2 = Mma::splat(bl);
+  const T2 sh2 = Mma::splat(sh), bh2 = Mma::splat(bh);
+  const float slf = static_cast<float>(sl), blf = static_cast<float>(bl);
+  const float shf = static_cast<float>(sh), bhf = static_cast<float>(bh);
+#pragma unroll
+  for (int s = 0; s < AFFINE_UNIT / 4; ++s) {
+    uint32_t a[4];
+    a[0] = affine_weight_pair<T, bits>(lo, 2 * s, sl2, bl2, slf, blf);
+    a[1] = affine_weight_pair<T, bits>(hi, 2 * s, sh2, bh2, shf, bhf);
+    a[2] = affine_weight_pair<T, bits>(lo, 2 * s + 1, sl2, bl2, slf, blf);
+    a[3] = affine_weight_pair<T, bits>(hi, 2 * s + 1, sh2, bh2, shf, bhf);
+#pragma unroll
+    for (int j = 0; j < XT; ++j) {
+      if (j == 0 || 8 * j < columns) {  // uniform across the warp
+        uint32_t b[2];
+        b[0] = Pairs::x_pair(xw[j], 2 * s);
+        b[1] = Pairs::x_pair(xw[j], 2 * s + 1);
+        Mma::mma(acc[j], a, b);
+      }
+    }
+  }
+}
+
 // The two weight rows lane (g, t) of a 16-row mma tile owns, g and g + 8
 // ("lo" and "hi"): where their codes, scales and biases start, given the
 // rows' indices into w (words_per_row words a row) and into scales and

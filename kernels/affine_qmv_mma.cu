@@ -28,8 +28,6 @@
 // [experts * N, K / group_size], slot_expert, slot_x [slots] (any integer
 // type), params [N, K, experts, x rows, slots]. Output: out [slots, N].
 typedef AffineMma<T> Mma;
-typedef typename Mma::T2 T2;
-typedef AffinePairs<bits> Pairs;
 constexpr int XT = (XR + 7) / 8;  // n8 tiles of x rows
 constexpr int ROWS = 16;  // weight rows per block
 constexpr int COLS = 8 * XT;
@@ -132,51 +130,22 @@ for (int run = 0; run < count;) {
 #pragma unroll
     for (int r = 0; r < UNROLL; ++r) {
       uint32_t xw[XT][16];
-#pragma unroll
-      for (int j = 0; j < XT; ++j) {
-        if (j == 0 || 8 * j < run_len) {  // uniform across the warp
-          const uint4* xv =
-              reinterpret_cast<const uint4*>(xp[j] + batch.unit[r] * AFFINE_UNIT);
-#pragma unroll
-          for (int q = 0; q < 4; ++q) {
-            const uint4 v = xv[q];
-            xw[j][4 * q] = v.x;
-            xw[j][4 * q + 1] = v.y;
-            xw[j][4 * q + 2] = v.z;
-            xw[j][4 * q + 3] = v.w;
-          }
-        }
-      }
+      affine_load_x_unit<T, XT>(xw, xp, batch.unit[r], run_len);
       // A lane past its range: zero weights (zero scale and bias) times
       // the activations of a unit in range, which are finite unless x is
       // not (and then the product is not finite either way).
       const T zero = static_cast<T>(0.0f);
       const bool ok = batch.in_range[r];
-      const T sl = ok ? batch.sl[r] : zero;
-      const T bl = ok ? batch.bl[r] : zero;
-      const T sh = ok ? batch.sh[r] : zero;
-      const T bh = ok ? batch.bh[r] : zero;
-      const T2 sl2 = Mma::splat(sl), bl2 = Mma::splat(bl);
-      const T2 sh2 = Mma::splat(sh), bh2 = Mma::splat(bh);
-      const float slf = static_cast<float>(sl), blf = static_cast<float>(bl);
-      const float shf = static_cast<float>(sh), bhf = static_cast<float>(bh);
-#pragma unroll
-      for (int s = 0; s < AFFINE_UNIT / 4; ++s) {
-        uint32_t a[4];
-        a[0] = affine_weight_pair<T, bits>(batch.lo[r], 2 * s, sl2, bl2, slf, blf);
-        a[1] = affine_weight_pair<T, bits>(batch.hi[r], 2 * s, sh2, bh2, shf, bhf);
-        a[2] = affine_weight_pair<T, bits>(batch.lo[r], 2 * s + 1, sl2, bl2, slf, blf);
-        a[3] = affine_weight_pair<T, bits>(batch.hi[r], 2 * s + 1, sh2, bh2, shf, bhf);
-#pragma unroll
-        for (int j = 0; j < XT; ++j) {
-          if (j == 0 || 8 * j < run_len) {  // uniform across the warp
-            uint32_t b[2];
-            b[0] = Pairs::x_pair(xw[j], 2 * s);
-            b[1] = Pairs::x_pair(xw[j], 2 * s + 1);
-            Mma::mma(acc[r][j], a, b);
-          }
-        }
-      }
+      affine_unit_mma<T, bits, XT>(
+          acc[r],
+          batch.lo[r],
+          batch.hi[r],
+          ok ? batch.sl[r] : zero,
+          ok ? batch.bl[r] : zero,
+          ok ? batch.sh[r] : zero,
+          ok ? batch.bh[r] : zero,
+          xw,
+          run_len);
     }
   };
   for (int trip0 = 0; trip0 < trips; trip0 += UNROLL) {
