@@ -10,6 +10,7 @@ silent fallback.
 
 import contextlib
 import contextvars
+import ctypes
 import functools
 import os
 from typing import Callable, Iterator, Optional, Union
@@ -42,6 +43,37 @@ def gpu_architecture() -> str:
     say). Kernels that need one architecture's instructions (wgmma) ask this.
     """
     return str(mx.device_info(mx.gpu).get("architecture", ""))
+
+
+# What the CUDA driver is asked when MLX does not say (see gpu_multiprocessors).
+_CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT = 16
+_ASSUMED_MULTIPROCESSORS = 132  # an H100 SXM or H200
+
+
+@functools.lru_cache(maxsize=None)
+def gpu_multiprocessors() -> int:
+    """Streaming multiprocessors of the CUDA GPU MLX runs on (device 0), for
+    kernels that launch one block per SM and loop. MLX's device_info does
+    not list them, so the driver library is asked directly; where that
+    fails, an H100's count (a persistent grid is correct with any count,
+    only its balance suffers).
+    """
+    try:
+        driver = ctypes.CDLL("libcuda.so.1")
+        device, count = ctypes.c_int(), ctypes.c_int()
+        ok = (
+            driver.cuInit(0) == 0
+            and driver.cuDeviceGet(ctypes.byref(device), 0) == 0
+            and driver.cuDeviceGetAttribute(
+                ctypes.byref(count),
+                _CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+                device,
+            )
+            == 0
+        )
+    except OSError:
+        ok = False
+    return count.value if ok and count.value > 0 else _ASSUMED_MULTIPROCESSORS
 
 
 def _check_name(name: str, where: str) -> str:

@@ -69,6 +69,80 @@ _QMV_MMA = KernelSpec(
     body_file="affine_qmv_mma.cu",
     dialects=("cuda",),
 )
+# Hopper's streamed mat-vec for one weight (kernels/affine_qmv_stream.cu):
+# a producer warp has the copy engine move chunks of KC values of 16 weight
+# rows (1 KB of codes a row at most widths, so each bulk copy is large)
+# into STAGES shared-memory buffers while the consumer warps multiply.
+_QMV_STREAM_SHARED_BYTES = 96 * 1024  # two blocks fit an SM's 228 KB
+_QMV_STREAM = KernelSpec(
+    "affine_qmv_stream",
+    ("x", "w", "scales", "biases", "params"),
+    ("out",),
+    _MMA_HEADERS + ("affine_stream.cuh",),
+    body_file="affine_qmv_stream.cu",
+    dialects=("cuda",),
+    shared_memory=_QMV_STREAM_SHARED_BYTES,
+)
+_QMV_STREAM_WARPS = 8  # consumer warps; one producer warp more
+_QMV_STREAM_BLOCKS_PER_SM = 2
+_QMV_STREAM_MAX_STAGES = 6
+# A chunk is a multiple of 1024 values, so a row's codes in it are a
+# multiple of 128 bytes and its scales of 16 (bulk copies move multiples
+# of 16 bytes); about 1 KB of codes a row.
+_QMV_STREAM_CHUNK_QUANTUM = 1024
+_QMV_STREAM_ROW_CODE_BYTES = (2048, 1024)  # tried in turn
+# x rows up to this size are staged in shared memory (one 16K-value row).
+_QMV_STREAM_MAX_X_BYTES = 32 * 1024
+_QMV_STREAM_ARCHITECTURES = ("sm_90",)  # bulk copies and mbarrier tx counts
+# Where it wins on the H100 (same-process A/B, tenth session): one x row,
+# 4 bits, K up to 8192 (x staged beside two 2 KB-a-row stages). At K =
+# 14336, at 5 and 8 bits and at 8 rows it tied or lost, so those stay on
+# the register-batch mat-vec.
+_QMV_STREAM_MAX_ROWS = 1
+_QMV_STREAM_MAX_K = 8192
+_QMV_STREAM_BITS = (4,)
+
+
+def _qmv_stream_geometry(
+    bits: int, group_size: int, itemsize: int, x_bytes: int = 0
+) -> Tuple[int, int, bool]:
+    """``(KC, STAGES, XS)`` of the streamed mat-vec: values per chunk, the
+    stage buffers that fit its shared memory (the stage layout of
+    kernels/affine_qmv_stream.cu: codes padded by 64 bytes a row, scales
+    and biases by 16) and whether ``x_bytes`` of x rows are staged there
+    too. Larger chunks first; x is staged where that leaves two stages."""
+    quantum = _QMV_STREAM_CHUNK_QUANTUM
+    for staged in (True, False) if x_bytes <= _QMV_STREAM_MAX_X_BYTES else (False,):
+        room = _QMV_STREAM_SHARED_BYTES - (x_bytes if staged else 0)
+        for row_code_bytes in _QMV_STREAM_ROW_CODE_BYTES:
+            chunk = max(quantum, row_code_bytes * 8 // bits // quantum * quantum)
+            row_bytes = (
+                chunk * bits // 8 + 64 + 2 * (chunk // group_size * itemsize + 16)
+            )
+            stages = min(_QMV_STREAM_MAX_STAGES, room // (16 * row_bytes))
+            if stages >= 2:
+                return chunk, stages, staged
+    raise AssertionError(f"no streamed mat-vec geometry for {bits} bits")
+
+
+def _qmv_stream_fits(
+    stream, dtype, rows: int, k: int, bits: int, group_size: int
+) -> bool:
+    """Whether the streamed mat-vec takes a decode: tensor cores on a Hopper
+    GPU; rows of whole 16-byte runs of codes and of scales (K a multiple of
+    8 groups) so that every bulk copy is aligned; and a case where it was
+    measured faster than the register-batch mat-vec (docs/benchmarks.md,
+    tenth session). The kernel itself takes every width and up to 16 rows."""
+    return (
+        _tensor_cores(stream, dtype)
+        and _backend.gpu_architecture() in _QMV_STREAM_ARCHITECTURES
+        and k % (8 * group_size) == 0
+        and rows <= _QMV_STREAM_MAX_ROWS
+        and k <= _QMV_STREAM_MAX_K
+        and bits in _QMV_STREAM_BITS
+    )
+
+
 _QMM = KernelSpec("affine_qmm", _MATMUL_INPUTS, ("out",), _HEADERS + ("affine_load.h",))
 _QMM_N = KernelSpec("affine_qmm_n", _MATMUL_INPUTS, ("out",), _HEADERS)
 # kernels/affine_qmm_mma.cu's dynamic shared memory: two buffers of BM
@@ -686,6 +760,39 @@ def _qmv_kernel(
     )[0]
 
 
+def _qmv_stream_kernel(x, w, scales, biases, rows, group_size, bits, out_shape, stream):
+    """The streamed mat-vec (Hopper): ``out = x @ W.T`` for ``rows`` (at
+    most 16) rows of x and one weight, on a persistent grid of at most
+    :data:`_QMV_STREAM_BLOCKS_PER_SM` blocks per SM walking 16-row tiles."""
+    k = x.shape[-1]
+    n = w.shape[-2]
+    chunk, stages, staged = _qmv_stream_geometry(
+        bits, group_size, x.dtype.size, rows * k * x.dtype.size
+    )
+    tiles = ceil_to(n, _QMV_MMA_ROWS) // _QMV_MMA_ROWS
+    blocks = min(tiles, _QMV_STREAM_BLOCKS_PER_SM * _backend.gpu_multiprocessors())
+    threads = (_QMV_STREAM_WARPS + 1) * _SIMD
+    return launch(
+        _QMV_STREAM,
+        [x, w, scales, biases, sizes(n, k, rows)],
+        template=[
+            ("T", x.dtype),
+            ("bits", bits),
+            ("group_size", group_size),
+            ("XR", 8 if rows <= 8 else 16),
+            ("KW", _QMV_STREAM_WARPS),
+            ("STAGES", stages),
+            ("KC", chunk),
+            ("XS", int(staged)),
+        ],
+        grid=(blocks * threads, 1, 1),
+        threadgroup=(threads, 1, 1),
+        output_shapes=[out_shape],
+        output_dtypes=[x.dtype],
+        stream=stream,
+    )[0]
+
+
 def _matmul_rows_kernel(
     x, w, scales, biases, lhs, rhs, m, transpose, group_size, bits, out_shape, stream
 ):
@@ -712,6 +819,10 @@ def _matmul_rows_kernel(
     # the tiled kernels spread work over N tiles only and would leave most
     # of the GPU idle.
     if transpose and rows <= _qmv_max_rows(stream, dtype) * experts:
+        if lhs is None and _qmv_stream_fits(stream, dtype, rows, k, bits, group_size):
+            return _qmv_stream_kernel(
+                x, w, scales, biases, rows, group_size, bits, out_shape, stream
+            )
         if lhs is None:
             slot_expert, slot_x, run = _shape_slots((0,), (0,), rows)
         else:

@@ -19,6 +19,8 @@ $T tests/test_affine.py -k "prefill_bits and bf16" > "$out/gpu_aff9.txt" 2>&1 &
 $T tests/test_affine.py -k "gather or gradient" > "$out/gpu_aff6.txt" 2>&1 &
 $T tests/test_affine.py -k "decode_bits and not bf16" > "$out/gpu_aff7.txt" 2>&1 &
 $T tests/test_affine.py -k "decode_bits and bf16" > "$out/gpu_aff8.txt" 2>&1 &
+$T tests/test_affine.py -k "streamed and not bf16" > "$out/gpu_aff11.txt" 2>&1 &
+$T tests/test_affine.py -k "streamed and bf16" > "$out/gpu_aff12.txt" 2>&1 &
 wait
 echo "GPU tests took $(( $(date +%s) - start )) s"
 for f in "$out"/gpu_*.txt; do echo "== $(basename "$f"): $(tail -1 "$f")"; done

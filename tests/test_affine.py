@@ -210,6 +210,59 @@ def test_quantized_matmul_decode_bits(path, dtype, bits, group_size):
         _check_matmul(x, w_q, scales, biases, True, group_size, bits, f"m={m}")
 
 
+def _stream_everything(monkeypatch):
+    """Lets the streamed mat-vec take every decode it can run (all widths,
+    any K, up to 16 rows), not only the cases where the dispatcher picks
+    it for speed."""
+    monkeypatch.setattr(mqo.affine, "_QMV_STREAM_BITS", BITS)
+    monkeypatch.setattr(mqo.affine, "_QMV_STREAM_MAX_K", 1 << 30)
+    monkeypatch.setattr(mqo.affine, "_QMV_STREAM_MAX_ROWS", 16)
+
+
+@pytest.mark.parametrize("dtype", (mx.float16, mx.bfloat16), ids=("f16", "bf16"))
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("group_size", GROUP_SIZES)
+def test_quantized_matmul_streamed_decode(path, monkeypatch, dtype, bits, group_size):
+    # Decode shapes the streamed mat-vec takes on Hopper (elsewhere the
+    # other decode kernels): K a multiple of 8 groups spanning one full
+    # chunk and a shorter last one, N not a multiple of the 16-row tile,
+    # and a grid of two blocks, so each block walks several tiles and
+    # refills its stage buffers many times; one and two n8 tiles of x.
+    _stream_everything(monkeypatch)
+    monkeypatch.setattr(mqo.affine._backend, "gpu_multiprocessors", lambda: 1)
+    chunk, _, _ = mqo.affine._qmv_stream_geometry(bits, group_size, dtype.size)
+    n, k = 101, chunk + 8 * group_size
+    kind = KINDS[(bits + group_size) % len(KINDS)]
+    w_q, scales, biases = _weights((n, k), dtype, group_size, bits, kind, bits)
+    for m in (1, 11):
+        x = _x((m, k), dtype, seed=m + bits)
+        _check_matmul(x, w_q, scales, biases, True, group_size, bits, f"m={m}")
+
+
+def _at_odd_offset(a: mx.array, offset: int) -> mx.array:
+    """``a`` as a view that starts ``offset`` elements into a larger buffer
+    (so its address is not 16-byte aligned), without copying."""
+    flat = mx.concatenate([mx.zeros((offset,), a.dtype), a.reshape(-1)])
+    return flat[offset:].reshape(a.shape)
+
+
+@pytest.mark.parametrize("bits", (3, 4))
+def test_quantized_matmul_streamed_decode_misaligned_views(path, monkeypatch, bits):
+    # Activations, weights, scales and biases that start one element past
+    # an aligned address: the streamed mat-vec cannot bulk-copy them and
+    # must fall back to plain copies, with the same result (three x rows
+    # read from global memory, one staged in shared memory).
+    _stream_everything(monkeypatch)
+    dtype, group_size = mx.float16, 64
+    n, k = 45, 2048
+    w_q, scales, biases = _weights((n, k), dtype, group_size, bits, seed=bits)
+    views = [_at_odd_offset(a, 1) for a in (w_q, scales, biases)]
+    mx.eval(views)
+    for x in (_x((3, k), dtype, seed=bits), _x((1, k), dtype, seed=bits)):
+        x = _at_odd_offset(x, 1)
+        _check_matmul(x, *views, True, group_size, bits, "misaligned")
+
+
 @pytest.mark.parametrize("dtype", (mx.float16, mx.bfloat16), ids=("f16", "bf16"))
 @pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("group_size", GROUP_SIZES)
@@ -715,6 +768,22 @@ def test_dispatcher_picks_kernel_by_shape():
     assert picked(qmm(3)) == [("affine_qmv_mma", 4)]
     assert picked(qmm(8)) == [("affine_qmv_mma", 8)]
     assert picked(qmm(16)) == [("affine_qmv_mma", 16)]
+
+    # One 4-bit row with K a multiple of 8 groups, up to 8192, streams
+    # through shared memory on Hopper; more rows, longer K and other
+    # widths stay on the register-batch mat-vec (where each was faster).
+    def stream_qmm(m, k=512, bits=4):
+        packed = _packed((300, k), bits, 64, mx.float16)
+        x = mx.zeros((m, k), mx.float16)
+        return lambda: mqo.quantized_matmul(x, *packed, bits=bits)
+
+    assert picked(stream_qmm(1)) == [("affine_qmv_stream", 8)]
+    assert picked(stream_qmm(1, k=8192)) == [("affine_qmv_stream", 8)]
+    assert picked(stream_qmm(1), "sm_80") == [("affine_qmv_mma", 1)]
+    assert picked(stream_qmm(2)) == [("affine_qmv_mma", 2)]
+    assert picked(stream_qmm(1, k=8704)) == [("affine_qmv_mma", 1)]
+    assert picked(stream_qmm(1, bits=8)) == [("affine_qmv_mma", 1)]
+    assert picked(stream_qmm(17)) == [("affine_qmm_wgmma", None)]
     # Past 16 rows, the tensor-core tile: wgmma on Hopper where codes pair
     # within words, mma.sync for 3, 5 and 6 bits and on other GPUs.
     assert picked(qmm(17)) == [("affine_qmm_wgmma", None)]

@@ -11,6 +11,7 @@ only where ``nvcc`` is absent.
 
 import tempfile
 from pathlib import Path
+from unittest import mock
 
 import mlx.core as mx
 import pytest
@@ -110,11 +111,37 @@ def exercise_affine():
         outputs += _affine_calls(mx.bfloat16, bits, 64, (1, 13))
     outputs += _affine_calls(mx.bfloat16, 4, 64, decode_rows=(2, 3, 8), prefill=False)
     outputs += _tall_prefill()
-    # A long K on a short N: the tensor-core mat-vec splits K over 8 warps.
-    w_q, scales, biases = mqo.quantize(mx.zeros((16, 4096), mx.float16))
+    outputs += _streamed_decodes()
+    # A long K on a short N: the tensor-core mat-vec splits K over 8 warps
+    # (K not a multiple of 8 groups, which would stream instead).
+    w_q, scales, biases = mqo.quantize(mx.zeros((16, 4160), mx.float16))
     outputs.append(
-        mqo.quantized_matmul(mx.zeros((1, 4096), mx.float16), w_q, scales, biases)
+        mqo.quantized_matmul(mx.zeros((1, 4160), mx.float16), w_q, scales, biases)
     )
+    return outputs
+
+
+def _streamed_decodes():
+    # The streamed mat-vec at every width in both half types, x staged in
+    # shared memory (one row) and not (13 rows): the kernel runs more cases
+    # than the dispatcher gives it, and the tests run them all.
+    outputs = []
+    with mock.patch.multiple(
+        mqo.affine,
+        _QMV_STREAM_BITS=mqo.affine.AFFINE_BITS,
+        _QMV_STREAM_MAX_K=1 << 30,
+        _QMV_STREAM_MAX_ROWS=16,
+    ):
+        for dtype in (mx.float16, mx.bfloat16):
+            for bits in mqo.affine.AFFINE_BITS:
+                w_q, scales, biases = mqo.quantize(
+                    mx.zeros((16, 2048), dtype), 64, bits
+                )
+                for rows in (1, 13):
+                    x = mx.zeros((rows, 2048), dtype)
+                    outputs.append(
+                        mqo.quantized_matmul(x, w_q, scales, biases, bits=bits)
+                    )
     return outputs
 
 
@@ -189,6 +216,7 @@ def test_recorder_sees_every_affine_kernel():
         "affine_dequantize",
         "affine_qmv",
         "affine_qmv_mma",
+        "affine_qmv_stream",
         "affine_qmm",
         "affine_qmm_n",
         "affine_qmm_mma",

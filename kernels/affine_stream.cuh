@@ -1,0 +1,79 @@
+// CUDA-only helpers for the streamed mat-vec (affine_qmv_stream.cu, sm_90):
+// the Hopper copy engine's bulk copies from global to shared memory, the
+// shared-memory barriers (mbarrier) that say when a copy has landed and
+// when a buffer may be refilled, and a barrier over some warps of a block.
+// After affine_mma.cuh.
+#pragma once
+
+__device__ __forceinline__ unsigned int affine_shared_address(const void* p) {
+  return static_cast<unsigned int>(__cvta_generic_to_shared(p));
+}
+
+// A barrier in shared memory that completes a phase once `count` threads
+// have arrived and every byte announced to it (expect_tx) has landed.
+__device__ __forceinline__ void
+affine_mbarrier_init(unsigned long long* bar, unsigned int count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(
+                   affine_shared_address(bar)),
+               "r"(count)
+               : "memory");
+}
+
+// Makes the initialized barriers visible to the copy engine (the async
+// proxy) and to the other threads (after a __syncthreads).
+__device__ __forceinline__ void affine_mbarrier_init_fence() {
+  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+}
+
+// One arrival that also announces `bytes` still to land by bulk copies.
+__device__ __forceinline__ void
+affine_mbarrier_expect_bytes(unsigned long long* bar, unsigned int bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(
+                   affine_shared_address(bar)),
+               "r"(bytes)
+               : "memory");
+}
+
+// One arrival, releasing this thread's earlier shared-memory accesses.
+__device__ __forceinline__ void affine_mbarrier_arrive(unsigned long long* bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(
+                   affine_shared_address(bar))
+               : "memory");
+}
+
+// Waits until the phase of parity `parity` (0, 1, 0, ... for a barrier's
+// first, second, third use) has completed.
+__device__ __forceinline__ void
+affine_mbarrier_wait(unsigned long long* bar, unsigned int parity) {
+  asm volatile(
+      "{\n"
+      ".reg .pred done;\n"
+      "WAIT:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+      "@!done bra WAIT;\n"
+      "}\n" ::"r"(affine_shared_address(bar)),
+      "r"(parity)
+      : "memory");
+}
+
+// `bytes` (a multiple of 16; both addresses 16-byte aligned) from global
+// to shared memory by the copy engine; `bar` counts them when they land.
+__device__ __forceinline__ void affine_bulk_copy(
+    void* shared_dst,
+    const void* global_src,
+    unsigned int bytes,
+    unsigned long long* bar) {
+  asm volatile(
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes "
+      "[%0], [%1], %2, [%3];\n" ::"r"(affine_shared_address(shared_dst)),
+      "l"(global_src),
+      "r"(bytes),
+      "r"(affine_shared_address(bar))
+      : "memory");
+}
+
+// A barrier over the first `threads` threads of the block (whole warps),
+// on hardware barrier `id` (0 is __syncthreads').
+__device__ __forceinline__ void affine_warps_sync(int id, int threads) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
