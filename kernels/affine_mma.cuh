@@ -299,6 +299,34 @@ __device__ __forceinline__ void affine_unit_mma(
   }
 }
 
+// Lane (g, t)'s C fragments into its warp's table of partial sums (16 rows,
+// PITCH >= 8 * XT columns): acc[j][0..1] are row g, columns 8j + 2t and
+// + 1; acc[j][2..3] the same columns of row g + 8.
+template <int XT, int PITCH>
+__device__ __forceinline__ void affine_store_fragments(
+    float (*table)[PITCH], const float (&acc)[XT][4], int g, int t) {
+#pragma unroll
+  for (int j = 0; j < XT; ++j) {
+    const int col = 8 * j + 2 * t;
+    table[g][col] = acc[j][0];
+    table[g][col + 1] = acc[j][1];
+    table[g + 8][col] = acc[j][2];
+    table[g + 8][col + 1] = acc[j][3];
+  }
+}
+
+// Element (row, col) summed over the KW warps' tables.
+template <int KW, int PITCH>
+__device__ __forceinline__ float
+affine_sum_warps(const float (*partial)[16][PITCH], int row, int col) {
+  float sum = 0.0f;
+#pragma unroll
+  for (int kw = 0; kw < KW; ++kw) {
+    sum += partial[kw][row][col];
+  }
+  return sum;
+}
+
 // The two weight rows lane (g, t) of a 16-row mma tile owns, g and g + 8
 // ("lo" and "hi"): where their codes, scales and biases start, given the
 // rows' indices into w (words_per_row words a row) and into scales and

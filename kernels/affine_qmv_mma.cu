@@ -154,8 +154,6 @@ for (int run = 0; run < count;) {
     compute(batch);
   }
 
-  // C fragment: acc[.][j][0..1] are row g, columns 8j + 2t and + 1;
-  // acc[.][j][2..3] the same columns of row g + 8.
 #pragma unroll
   for (int j = 0; j < XT; ++j) {
 #pragma unroll
@@ -165,22 +163,14 @@ for (int run = 0; run < count;) {
         acc[0][j][c] += acc[r][j][c];
       }
     }
-    const int col = 8 * j + 2 * t;
-    partial[warp][g][col] = acc[0][j][0];
-    partial[warp][g][col + 1] = acc[0][j][1];
-    partial[warp][g + 8][col] = acc[0][j][2];
-    partial[warp][g + 8][col + 1] = acc[0][j][3];
   }
+  affine_store_fragments<XT, COLS + 1>(partial[warp], acc[0], g, t);
   __syncthreads();
   for (int e = threadIdx.x; e < ROWS * COLS; e += 32 * KW) {
     const int r = e % ROWS;  // consecutive threads: consecutive outputs
     const int col = e / ROWS;
     if (col < run_len && n0 + r < N) {
-      float sum = 0.0f;
-#pragma unroll
-      for (int kw = 0; kw < KW; ++kw) {
-        sum += partial[kw][r][col];
-      }
+      const float sum = affine_sum_warps<KW, COLS + 1>(partial, r, col);
       const long long xrow = static_cast<long long>(slot_x[slot0 + run + col]);
       const bool ok = expert_ok && xrow >= 0 && xrow < x_rows;
       out[static_cast<size_t>(slot0 + run + col) * N + n0 + r] =

@@ -230,27 +230,16 @@ if (warp == KW) {
       }
     }
 
-    // C fragment: acc[j][0..1] are row g, columns 8j + 2t and + 1;
-    // acc[j][2..3] the same columns of row g + 8.
-#pragma unroll
-    for (int j = 0; j < XT; ++j) {
-      const int col = 8 * j + 2 * t;
-      partial[warp][g][col] = acc[j][0];
-      partial[warp][g][col + 1] = acc[j][1];
-      partial[warp][g + 8][col] = acc[j][2];
-      partial[warp][g + 8][col + 1] = acc[j][3];
-    }
+    // The tile's sums meet over the consumer warps only (the producer may
+    // be waiting on a stage), on hardware barrier 1.
+    affine_store_fragments<XT, COLS + 1>(partial[warp], acc, g, t);
     affine_warps_sync(1, 32 * KW);
     for (int e = threadIdx.x; e < ROWS * COLS; e += 32 * KW) {
       const int r = e % ROWS;  // consecutive threads: consecutive outputs
       const int col = e / ROWS;
       if (col < M && n0 + r < N) {
-        float sum = 0.0f;
-#pragma unroll
-        for (int kw = 0; kw < KW; ++kw) {
-          sum += partial[kw][r][col];
-        }
-        out[static_cast<size_t>(col) * N + n0 + r] = static_cast<T>(sum);
+        out[static_cast<size_t>(col) * N + n0 + r] =
+            static_cast<T>(affine_sum_warps<KW, COLS + 1>(partial, r, col));
       }
     }
     affine_warps_sync(1, 32 * KW);
