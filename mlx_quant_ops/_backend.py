@@ -146,6 +146,25 @@ def use_backend(name: str) -> Iterator[str]:
         _override.reset(token)
 
 
+class StreamKey:
+    """A stream, device or None as a cache key. MLX's streams compare equal
+    by value but hash by handle, and every ``mx.default_stream`` call makes
+    a new handle, so caches key on the text that names the stream instead.
+    The stream itself rides along in ``.stream``."""
+
+    __slots__ = ("stream", "_name")
+
+    def __init__(self, stream: StreamLike):
+        self.stream = stream
+        self._name = None if stream is None else repr(stream)
+
+    def __hash__(self) -> int:
+        return hash(self._name)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, StreamKey) and self._name == other._name
+
+
 def kernel_stream(stream: StreamLike) -> mx.Stream:
     """The stream a kernel launch goes to: ``stream`` when it is on the GPU,
     else the default GPU stream (a GPU path forced on a CPU stream)."""

@@ -20,7 +20,7 @@ import importlib.util
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import mlx.core as mx
 
@@ -186,49 +186,97 @@ def _build_once(spec: KernelSpec, dialect: str, includes: bool):
     )
 
 
-def launch(
-    spec: KernelSpec,
-    inputs: Sequence[mx.array],
-    *,
-    template: Sequence[Tuple[str, object]],
-    grid: Tuple[int, int, int],
-    threadgroup: Tuple[int, int, int],
-    output_shapes: Sequence[Sequence[int]],
-    output_dtypes: Sequence[mx.Dtype],
-    stream: mx.Stream,
-    init_value=None,
-):
-    """Launch ``spec`` on the GPU backend of ``stream``.
+class Launcher:
+    """One kernel launch with everything but its per-call arrays fixed: the
+    kernel, its template arguments, grid and output shapes, and constant
+    input tables (sizes, slots) that follow the per-call arrays.
+
+    An op builds one per shape through a :func:`plan_cache` function and
+    calls it with the arrays; per call that is one MLX kernel call, with no
+    Python deciding anew what the shape already decided (mlx-lm builds a
+    decode step's graph on the host, op by op, every token).
 
     ``grid`` counts threads (Metal's convention) and must be a whole number
     of threadgroups in each dimension, so Metal and CUDA launch the same
     threads; kernels bounds-check inside.
+    """
+
+    __slots__ = ("spec", "dialect", "constants", "init_value", "kwargs")
+
+    def __init__(
+        self,
+        spec: KernelSpec,
+        constants: Sequence[mx.array] = (),
+        *,
+        template: Sequence[Tuple[str, object]],
+        grid: Tuple[int, int, int],
+        threadgroup: Tuple[int, int, int],
+        output_shapes: Sequence[Sequence[int]],
+        output_dtypes: Sequence[mx.Dtype],
+        stream: mx.Stream,
+        init_value=None,
+    ):
+        for g, t in zip(grid, threadgroup):
+            if g % t:
+                raise AssertionError(
+                    f"{spec.name}: grid {grid} is not a whole number of "
+                    f"threadgroups {threadgroup}"
+                )
+        self.spec = spec
+        self.dialect = backend(stream)
+        self.constants = tuple(constants)
+        self.init_value = init_value
+        self.kwargs = dict(
+            template=list(template),
+            grid=tuple(grid),
+            threadgroup=tuple(threadgroup),
+            output_shapes=[tuple(s) for s in output_shapes],
+            output_dtypes=list(output_dtypes),
+            stream=stream,
+        )
+
+    def __call__(self, *arrays: mx.array) -> List[mx.array]:
+        """The kernel's outputs for ``arrays`` (then the constants) as inputs."""
+        kwargs = self.kwargs
+        init_value = self.init_value
+        if init_value is None:
+            init_value = _poison.get()
+        if init_value is not None:
+            kwargs = {**kwargs, "init_value": init_value}
+        # Built (or found) per call, not kept: tests swap the CUDA compiler
+        # for a recorder and clear _build_once's cache.
+        kernel = _build(self.spec, self.dialect)
+        return kernel(inputs=[*arrays, *self.constants], **kwargs)
+
+
+def launch(spec: KernelSpec, inputs: Sequence[mx.array], **options) -> List[mx.array]:
+    """Launch ``spec`` on ``inputs`` once (see :class:`Launcher` for the
+    options): for paths whose inputs are built per call anyway.
 
     Returns:
         list[mlx.core.array]: the outputs.
     """
-    for g, t in zip(grid, threadgroup):
-        if g % t:
-            raise AssertionError(
-                f"{spec.name}: grid {grid} is not a whole number of "
-                f"threadgroups {threadgroup}"
-            )
-    dialect = backend(stream)
-    kwargs = {}
-    if init_value is None:
-        init_value = _poison.get()
-    if init_value is not None:
-        kwargs["init_value"] = init_value
-    return _build(spec, dialect)(
-        inputs=list(inputs),
-        template=list(template),
-        grid=grid,
-        threadgroup=threadgroup,
-        output_shapes=[tuple(s) for s in output_shapes],
-        output_dtypes=list(output_dtypes),
-        stream=stream,
-        **kwargs,
-    )
+    return Launcher(spec, **options)(*inputs)
+
+
+_PLAN_CACHES: List = []
+
+
+def plan_cache(function):
+    """``functools.lru_cache`` for a function of shapes and options (never
+    of array values) that plans a launch, registered so that
+    :func:`clear_plans` empties every such cache at once."""
+    cached = functools.lru_cache(maxsize=1024)(function)
+    _PLAN_CACHES.append(cached)
+    return cached
+
+
+def clear_plans() -> None:
+    """Forget every planned launch. Plans follow the dispatch rules and
+    tunables of the moment they were made; a test that changes those (or
+    the GPU the ops believe they run on) clears them first."""
+    for cached in _PLAN_CACHES:
+        cached.cache_clear()
 
 
 @contextlib.contextmanager

@@ -11,8 +11,9 @@ sizes and option values are ``ValueError``. The same checks run whatever
 path the op then takes, so messages are identical on every path.
 """
 
+import functools
 import itertools
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import mlx.core as mx
 import numpy as np
@@ -117,3 +118,44 @@ def boolean(op: str, arg: str, value) -> bool:
     if not isinstance(value, bool):
         fail(op, arg, "True or False", repr(value), TypeError)
     return value
+
+
+# Arguments a memoized check may key on as they are; anything else (lists,
+# NumPy arrays, other objects) makes the call run unmemoized.
+_PLAIN_TYPES = (int, float, bool, str, type(None), mx.Dtype)
+_ARRAY = object()  # tags an array's (shape, dtype) in a key
+_MEMO_ENTRIES = 4096
+
+
+def memoized(check: Callable) -> Callable:
+    """``check`` remembered by what it can see: a check of types, dtypes,
+    shapes and options (never of array values) gives the same answer for
+    the same arrays' shapes and dtypes and the same options, so a repeated
+    call (a decode step's every layer, every token) returns the earlier
+    result instead of checking again. Failing calls raise and are not
+    remembered. Keys carry each option's type, so ``True`` and ``1`` differ.
+    """
+    results = {}
+
+    @functools.wraps(check)
+    def remembered(*args):
+        key = []
+        for a in args:
+            if type(a) is mx.array:
+                key.append((_ARRAY, a.shape, a.dtype))
+            elif isinstance(a, _PLAIN_TYPES):
+                key.append((type(a), a))
+            else:
+                return check(*args)
+        key = tuple(key)
+        try:
+            return results[key]
+        except KeyError:
+            pass
+        result = check(*args)
+        if len(results) >= _MEMO_ENTRIES:
+            results.clear()
+        results[key] = result
+        return result
+
+    return remembered

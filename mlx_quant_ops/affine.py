@@ -29,8 +29,16 @@ import numpy as np
 
 from . import _backend
 from . import _validate as check
-from ._backend import StreamLike, backend, dispatch
-from ._kernels import KernelSpec, ceil_to, device_table, launch, sizes
+from ._backend import StreamKey, StreamLike, backend, dispatch
+from ._kernels import (
+    KernelSpec,
+    Launcher,
+    ceil_to,
+    device_table,
+    launch,
+    plan_cache,
+    sizes,
+)
 
 AFFINE_BITS = (1, 2, 3, 4, 5, 6, 8)
 AFFINE_GROUP_SIZES = (32, 64, 128)
@@ -208,6 +216,7 @@ _MAX_GRID_Y = 65535  # CUDA's limit on grid y (tiles)
 # ---- format and validation -----------------------------------------------
 
 
+@check.memoized
 def _format(op: str, group_size, bits, mode, global_scale=None) -> Tuple[int, int]:
     """Checked ``(group_size, bits)``, with MLX's affine defaults for None."""
     if mode != "affine":
@@ -275,6 +284,7 @@ def _result_dtype(*dtypes: mx.Dtype) -> mx.Dtype:
     return kinds.pop() if len(kinds) == 1 else mx.float32
 
 
+@check.memoized
 def _check_matmul(op: str, x, w, scales, biases, transpose, group_size, bits):
     """Checks shared by the matmuls; returns ``(K, N, out_dtype)`` where the
     product is ``[..., M, K] x [K, N]``."""
@@ -706,38 +716,38 @@ def _qmv_mma_warps(blocks: int, k: int) -> int:
     return 8 if blocks < _QMV_MMA_FEW_BLOCKS and k >= 64 * WORD_BITS else 4
 
 
-def _qmv_kernel(
-    x,
-    w,
-    scales,
-    biases,
-    slot_expert,
-    slot_x,
+def _qmv_launcher(
+    x_shape,
+    dtype,
+    w_shape,
     slots,
     run,
     group_size,
     bits,
     out_shape,
     stream,
+    slot_tables=(),
 ):
     """The mat-vec kernel over per-slot arrays: ``out[s] = x[slot_x[s]] @
     W[slot_expert[s]].T`` for the first ``slots`` entries, taking up to
     ``run`` consecutive slots (a run of one expert, at most
-    :func:`_qmv_max_rows`) per threadgroup row."""
-    k = x.shape[-1]
-    n = w.shape[-2]
-    experts = _batch_size(w)
-    max_rows = _qmv_max_rows(stream, x.dtype)
+    :func:`_qmv_max_rows`) per threadgroup row. Called with ``x, w, scales,
+    biases`` and then ``slot_expert, slot_x``, unless those are fixed by
+    the shapes and given here as ``slot_tables``."""
+    k = x_shape[-1]
+    n = w_shape[-2]
+    experts = int(np.prod(w_shape[:-2], dtype=np.int64))
+    max_rows = _qmv_max_rows(stream, dtype)
     x_rows = 1 << (min(max(run, 1), max_rows) - 1).bit_length()
     n_tiles = -(-slots // x_rows)
     _check_grid_rows(n_tiles)
     template = [
-        ("T", x.dtype),
+        ("T", dtype),
         ("bits", bits),
         ("group_size", group_size),
         ("XR", x_rows),
     ]
-    if _tensor_cores(stream, x.dtype):
+    if _tensor_cores(stream, dtype):
         spec, columns = _QMV_MMA, _QMV_MMA_ROWS
         blocks = -(-n // columns) * n_tiles
         warps = _qmv_mma_warps(blocks, k)
@@ -747,36 +757,35 @@ def _qmv_kernel(
         spec = _QMV
         columns = _QMV_SIMDGROUPS * _qmv_rows_per_simdgroup(x_rows, bits)
         threads = _QMV_SIMDGROUPS * _SIMD
-    return launch(
+    x_size = int(np.prod(x_shape, dtype=np.int64))
+    return Launcher(
         spec,
-        [x, w, scales, biases, slot_expert, slot_x]
-        + [sizes(n, k, experts, x.size // k, slots)],
+        (*slot_tables, sizes(n, k, experts, x_size // k, slots)),
         template=template,
         grid=(ceil_to(n, columns) // columns * threads, n_tiles, 1),
         threadgroup=(threads, 1, 1),
         output_shapes=[out_shape],
-        output_dtypes=[x.dtype],
+        output_dtypes=[dtype],
         stream=stream,
-    )[0]
+    )
 
 
-def _qmv_stream_kernel(x, w, scales, biases, rows, group_size, bits, out_shape, stream):
+def _qmv_stream_launcher(k, n, rows, dtype, group_size, bits, out_shape, stream):
     """The streamed mat-vec (Hopper): ``out = x @ W.T`` for ``rows`` (at
     most 16) rows of x and one weight, on a persistent grid of at most
-    :data:`_QMV_STREAM_BLOCKS_PER_SM` blocks per SM walking 16-row tiles."""
-    k = x.shape[-1]
-    n = w.shape[-2]
+    :data:`_QMV_STREAM_BLOCKS_PER_SM` blocks per SM walking 16-row tiles.
+    Called with ``x, w, scales, biases``."""
     chunk, stages, staged = _qmv_stream_geometry(
-        bits, group_size, x.dtype.size, rows * k * x.dtype.size
+        bits, group_size, dtype.size, rows * k * dtype.size
     )
     tiles = ceil_to(n, _QMV_MMA_ROWS) // _QMV_MMA_ROWS
     blocks = min(tiles, _QMV_STREAM_BLOCKS_PER_SM * _backend.gpu_multiprocessors())
     threads = (_QMV_STREAM_WARPS + 1) * _SIMD
-    return launch(
+    return Launcher(
         _QMV_STREAM,
-        [x, w, scales, biases, sizes(n, k, rows)],
+        (sizes(n, k, rows),),
         template=[
-            ("T", x.dtype),
+            ("T", dtype),
             ("bits", bits),
             ("group_size", group_size),
             ("XR", 8 if rows <= 8 else 16),
@@ -788,9 +797,15 @@ def _qmv_stream_kernel(x, w, scales, biases, rows, group_size, bits, out_shape, 
         grid=(blocks * threads, 1, 1),
         threadgroup=(threads, 1, 1),
         output_shapes=[out_shape],
-        output_dtypes=[x.dtype],
+        output_dtypes=[dtype],
         stream=stream,
-    )[0]
+    )
+
+
+def _plan_context(stream) -> tuple:
+    """What a plan depends on besides shapes and options: the path and the
+    GPU's architecture (both can change under tests and use_backend)."""
+    return backend(stream), _backend.gpu_architecture()
 
 
 def _matmul_rows_kernel(
@@ -799,17 +814,52 @@ def _matmul_rows_kernel(
     """``out[p * m + i] = x[lhs[p] * m + i] @ W[rhs[p]].T`` (or ``@ W``
     with ``transpose=False``) for every product p, with ``x`` read as
     ``[rows, K]`` and ``lhs``, ``rhs`` tuples fixed by the shapes (None: one
-    product of all the rows of x). Picks the mat-vec kernel when each expert
-    gets few rows (decode) and a tiled kernel (tensor cores on CUDA for half
-    and bfloat16) else. Inputs keep their shapes and the output is made in
-    ``out_shape``, so one call is one op in the graph."""
-    k = x.shape[-1]
-    n = w.shape[-2] if transpose else w.shape[-1] * WORD_BITS // bits
-    dtype = x.dtype
+    product of all the rows of x), through the launch planned for these
+    shapes (:func:`_matmul_rows_plan`)."""
+    plan = _matmul_rows_plan(
+        tuple(x.shape),
+        x.dtype,
+        tuple(w.shape),
+        lhs,
+        rhs,
+        m,
+        transpose,
+        group_size,
+        bits,
+        tuple(out_shape),
+        StreamKey(stream),
+        _plan_context(stream),
+    )
+    return plan(x, w, scales, biases)[0]
+
+
+@plan_cache
+def _matmul_rows_plan(
+    x_shape,
+    dtype,
+    w_shape,
+    lhs,
+    rhs,
+    m,
+    transpose,
+    group_size,
+    bits,
+    out_shape,
+    stream_key,
+    context,
+):
+    """The launch of :func:`_matmul_rows_kernel` for its shapes: the
+    mat-vec kernel when each expert gets few rows (decode) and a tiled
+    kernel (tensor cores on CUDA for half and bfloat16) else. Inputs keep
+    their shapes and the output is made in ``out_shape``, so one call is
+    one op in the graph."""
+    stream = stream_key.stream
+    k = x_shape[-1]
+    n = w_shape[-2] if transpose else w_shape[-1] * WORD_BITS // bits
     mma = transpose and _tensor_cores(stream, dtype)
     template = [("T", dtype), ("bits", bits), ("group_size", group_size)]
     if lhs is None:
-        rows = x.size // k
+        rows = int(np.prod(x_shape, dtype=np.int64)) // k
         experts, longest = 1, rows
     else:
         rows = len(rhs) * m
@@ -820,26 +870,24 @@ def _matmul_rows_kernel(
     # of the GPU idle.
     if transpose and rows <= _qmv_max_rows(stream, dtype) * experts:
         if lhs is None and _qmv_stream_fits(stream, dtype, rows, k, bits, group_size):
-            return _qmv_stream_kernel(
-                x, w, scales, biases, rows, group_size, bits, out_shape, stream
+            return _qmv_stream_launcher(
+                k, n, rows, dtype, group_size, bits, out_shape, stream
             )
         if lhs is None:
             slot_expert, slot_x, run = _shape_slots((0,), (0,), rows)
         else:
             slot_expert, slot_x, run = _shape_slots(lhs, rhs, m)
-        return _qmv_kernel(
-            x,
-            w,
-            scales,
-            biases,
-            slot_expert,
-            slot_x,
+        return _qmv_launcher(
+            x_shape,
+            dtype,
+            w_shape,
             rows,
             run,
             group_size,
             bits,
             out_shape,
             stream,
+            slot_tables=(slot_expert, slot_x),
         )
     if mma:
         spec, (tile_rows, columns, threads) = _QMM_MMA, _MMA_TILE
@@ -865,16 +913,24 @@ def _matmul_rows_kernel(
     # share a weight tile run together and find it in L2.
     grid = (n_tiles * threads, n_blocks) if mma else (n_blocks * threads, n_tiles)
     _check_grid_rows(grid[1])
-    return launch(
+    return Launcher(
         spec,
-        [x, w, scales, biases, tiles, slot_x, slot_out, sizes(n, k)],
+        (tiles, slot_x, slot_out, sizes(n, k)),
         template=template,
         grid=(*grid, 1),
         threadgroup=(threads, 1, 1),
         output_shapes=[out_shape],
         output_dtypes=[dtype],
         stream=stream,
-    )[0]
+    )
+
+
+@plan_cache
+def _gather_qmv_plan(*shapes_and_options, stream_key, context):
+    """The mat-vec launch of a gather decode (``_qmv_launcher``'s arguments
+    but the stream), whose slot arrays come with each call: built on the
+    device from the indices."""
+    return _qmv_launcher(*shapes_and_options, stream_key.stream)
 
 
 def _dense_f32_kernel(w, scales, biases, group_size, bits, stream):
@@ -957,9 +1013,11 @@ def _quantized_matmul_any(x, w, scales, biases, transpose, group_size, bits, str
     )
 
 
-def _differentiable_quantized_matmul(transpose, group_size, bits, stream):
+@functools.lru_cache(maxsize=256)  # one per option set, not per call
+def _differentiable_quantized_matmul(transpose, group_size, bits, stream_key):
     """``quantized_matmul`` on fixed options as an ``mx.custom_function``
     of ``(x, w, scales, biases)``."""
+    stream = stream_key.stream
 
     @mx.custom_function
     def qmm(x, w, scales, biases):
@@ -1041,7 +1099,9 @@ def _quantized_matmul_checked(
     if vector:
         x = x[None]
     check.broadcast_shapes(op, "x and w batch dimensions", x.shape[:-2], w.shape[:-2])
-    fn = _differentiable_quantized_matmul(transpose, group_size, bits, stream)
+    fn = _differentiable_quantized_matmul(
+        transpose, group_size, bits, StreamKey(stream)
+    )
     out = fn(x.astype(dtype), w, scales.astype(dtype), biases.astype(dtype))
     return out.squeeze(-2) if vector else out
 
@@ -1133,20 +1193,19 @@ def _gather_qmm_kernel(
             experts = _batch_size(w)
             per_expert = max(1, rhs_indices.size * m // experts)
             run = min(_qmv_max_rows(stream, x.dtype), per_expert)
-        return _qmv_kernel(
-            x,
-            w,
-            scales,
-            biases,
-            slot_expert,
-            slot_x,
+        plan = _gather_qmv_plan(
+            tuple(x.shape),
+            x.dtype,
+            tuple(w.shape),
             rhs_indices.size * m,
             run,
             group_size,
             bits,
-            out_shape,
-            stream,
+            tuple(out_shape),
+            stream_key=StreamKey(stream),
+            context=_plan_context(stream),
         )
+        return plan(x, w, scales, biases, slot_expert, slot_x)[0]
     n = w.shape[-1] * WORD_BITS // bits
     out_shape = (*lhs_indices.shape, m, n)
     valid, lhs, rhs = _gather_valid(lhs_indices, rhs_indices, x, w)
@@ -1212,10 +1271,12 @@ def _gather_qmm_any(
     )
 
 
-def _differentiable_gather_qmm(transpose, group_size, bits, sorted_indices, stream):
+@functools.lru_cache(maxsize=256)  # one per option set, not per call
+def _differentiable_gather_qmm(transpose, group_size, bits, sorted_indices, stream_key):
     """``gather_qmm`` on fixed options as an ``mx.custom_function`` of
     ``(x, w, scales, biases, lhs_indices, rhs_indices)``, the indices
     already broadcast together."""
+    stream = stream_key.stream
 
     @mx.custom_function
     def gqmm(x, w, scales, biases, lhs, rhs):
@@ -1353,5 +1414,7 @@ def gather_qmm(
     # broadcast shape, and arrays already of that shape pass through.
     lhs = _indices_in_shape(lhs_indices, x_batch, shape)
     rhs = _indices_in_shape(rhs_indices, w_batch, shape)
-    fn = _differentiable_gather_qmm(transpose, group_size, bits, sorted_indices, stream)
+    fn = _differentiable_gather_qmm(
+        transpose, group_size, bits, sorted_indices, StreamKey(stream)
+    )
     return fn(x.astype(dtype), w, scales.astype(dtype), biases.astype(dtype), lhs, rhs)

@@ -17,7 +17,7 @@ import mlx.core as mx  # noqa: E402
 import pytest  # noqa: E402
 
 from mlx_quant_ops._backend import gpu_backend, use_backend  # noqa: E402
-from mlx_quant_ops._kernels import poison_outputs  # noqa: E402
+from mlx_quant_ops._kernels import clear_plans, poison_outputs  # noqa: E402
 
 #: The paths a correctness test runs on: the pure-mx reference everywhere,
 #: and the kernel path of this machine's GPU backend (skipped without one).
@@ -37,6 +37,17 @@ def on_path(name: str):
     else:
         with use_backend("reference"), mx.stream(mx.cpu):
             yield
+
+
+@pytest.fixture(autouse=True)
+def fresh_plans():
+    """Every test plans its launches anew. Ops cache a launch per shape,
+    made by the dispatch rules of the moment; tests change those rules
+    (monkeypatched tunables, another GPU architecture), and a launch that
+    an earlier test cached would run the kernel that test picked."""
+    clear_plans()
+    yield
+    clear_plans()
 
 
 @pytest.fixture(params=PATHS)

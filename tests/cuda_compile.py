@@ -168,6 +168,7 @@ def recording(architecture: str = HOPPER):
         mx.fast.cuda_kernel,
     )
     kernels_module._build_once.cache_clear()
+    kernels_module.clear_plans()
     backend_module.gpu_backend = lambda: "cuda"
     backend_module.gpu_architecture = lambda: architecture
     backend_module.kernel_stream = lambda stream: mx.default_stream(mx.cpu)
@@ -183,6 +184,7 @@ def recording(architecture: str = HOPPER):
             mx.fast.cuda_kernel,
         ) = saved
         kernels_module._build_once.cache_clear()
+        kernels_module.clear_plans()
 
 
 def record_launches(

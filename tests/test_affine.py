@@ -214,6 +214,7 @@ def _stream_everything(monkeypatch):
     """Lets the streamed mat-vec take every decode it can run (all widths,
     any K, up to 16 rows), not only the cases where the dispatcher picks
     it for speed."""
+    mqo._kernels.clear_plans()  # launches planned under the old rule
     monkeypatch.setattr(mqo.affine, "_QMV_STREAM_BITS", BITS)
     monkeypatch.setattr(mqo.affine, "_QMV_STREAM_MAX_K", 1 << 30)
     monkeypatch.setattr(mqo.affine, "_QMV_STREAM_MAX_ROWS", 16)
@@ -295,13 +296,13 @@ def test_quantized_matmul_prefill_off_hopper(monkeypatch, dtype, bits):
         pytest.skip("the tensor-core tiles are CUDA kernels")
     monkeypatch.setattr(mqo._backend, "gpu_architecture", lambda: "sm_80")
     launched = []
-    real_launch = mqo.affine.launch
 
-    def launch(spec, *args, **kwargs):
-        launched.append(spec.name)
-        return real_launch(spec, *args, **kwargs)
+    class Launcher(mqo.affine.Launcher):
+        def __init__(self, spec, *args, **kwargs):
+            launched.append(spec.name)
+            super().__init__(spec, *args, **kwargs)
 
-    monkeypatch.setattr(mqo.affine, "launch", launch)
+    monkeypatch.setattr(mqo.affine, "Launcher", Launcher)
     with on_path("gpu"):
         _check_prefill(dtype, bits, 64, rows=(40, 201))  # both tile heights
     assert set(launched) == {"affine_qmm_mma"}, launched
@@ -719,6 +720,43 @@ def test_errors_gather_qmm():
         "global_scale",
         g(None, mx.array([0]), global_scale=mx.array(1.0)),
     )
+
+
+def test_errors_after_a_remembered_good_call():
+    # The checks are remembered by the arrays' shapes and dtypes and the
+    # options (a decode step repeats them every token): a good call must
+    # not let a later bad one through, nor True stand in for 1.
+    w_q, scales, biases = _packed((32, 128), 4, 64, mx.float32)
+    x = mx.zeros((2, 128))
+    mqo.quantized_matmul(x, w_q, scales, biases, True, 64, 4)
+    mqo.quantized_matmul(x, w_q, scales, biases, True, 64, 4)
+    with pytest.raises(TypeError, match="transpose"):
+        mqo.quantized_matmul(x, w_q, scales, biases, 1, 64, 4)
+    with pytest.raises(ValueError, match="x: expected a last axis of 128"):
+        mqo.quantized_matmul(mx.zeros((2, 64)), w_q, scales, biases, True, 64, 4)
+    with pytest.raises(TypeError, match="x: expected dtype"):
+        mqo.quantized_matmul(x.astype(mx.int32), w_q, scales, biases, True, 64, 4)
+    with pytest.raises(TypeError, match="x: expected an mlx.core.array"):
+        mqo.quantized_matmul(np.zeros((2, 128), np.float32), w_q, scales, biases)
+    with pytest.raises(ValueError, match="scales: expected shape"):
+        mqo.quantized_matmul(x, w_q, scales[:, :1], biases, True, 64, 4)
+
+
+def test_repeated_calls_reuse_one_planned_launch():
+    # The same shapes again (every token of a decode) launch what was
+    # planned the first time: one plan per shape, though every call hands
+    # MLX a new stream handle (recorded, not run: see cuda_compile.py).
+    from cuda_compile import recording
+
+    w_q, scales, biases = _packed((300, 256), 4, 64, mx.float16)
+    plan = mqo.affine._matmul_rows_plan
+    with recording() as launches:
+        for m in (1, 1, 1, 3, 3):
+            x = mx.zeros((m, 256), mx.float16)
+            mx.eval(mqo.quantized_matmul(x, w_q, scales, biases))
+        info = plan.cache_info()
+    assert (info.misses, info.hits) == (2, 3)
+    assert [dict(l.template)["XR"] for l in launches] == [1, 1, 1, 4, 4]
 
 
 def test_errors_are_raised_before_any_work():
