@@ -192,12 +192,14 @@ if (warp == KW) {
       const int u_last = (warp + 1) * units / KW;
       const int trips = (u_last - u_first + 3) / 4;
       const unsigned char* src = affine_stream_shared + stage * STAGE_BYTES;
-      const uint32_t* w_lo = reinterpret_cast<const uint32_t*>(src + g * W_PITCH);
-      const uint32_t* w_hi = reinterpret_cast<const uint32_t*>(src + (g + 8) * W_PITCH);
-      const T* s_lo = reinterpret_cast<const T*>(src + SCALES_AT + g * G_PITCH);
-      const T* s_hi = reinterpret_cast<const T*>(src + SCALES_AT + (g + 8) * G_PITCH);
-      const T* b_lo = reinterpret_cast<const T*>(src + BIASES_AT + g * G_PITCH);
-      const T* b_hi = reinterpret_cast<const T*>(src + BIASES_AT + (g + 8) * G_PITCH);
+      const AffineRowPair<T> rows(
+          reinterpret_cast<const uint32_t*>(src),
+          reinterpret_cast<const T*>(src + SCALES_AT),
+          reinterpret_cast<const T*>(src + BIASES_AT),
+          g,
+          g + 8,
+          W_PITCH / 4,
+          G_PITCH / sizeof(T));
       affine_mbarrier_wait(&full[stage], (i / STAGES) & 1);
 #pragma unroll 2
       for (int trip = 0; trip < trips; ++trip) {
@@ -208,19 +210,20 @@ if (warp == KW) {
         const int uc = min(u, u_last - 1);
         uint32_t lo[bits];
         uint32_t hi[bits];
-        AffineUnit<bits>::load(w_lo + uc * bits, lo);
-        AffineUnit<bits>::load(w_hi + uc * bits, hi);
-        const int group = uc * AFFINE_UNIT / group_size;
+        AffineUnit<bits>::load(rows.w_lo + uc * bits, lo);
+        AffineUnit<bits>::load(rows.w_hi + uc * bits, hi);
+        T sl, bl, sh, bh;
+        rows.group(uc * AFFINE_UNIT / group_size, sl, bl, sh, bh);
         uint32_t xw[XT][16];
         affine_load_x_unit<T, XT>(xw, xp, unit0 + uc, M);
         affine_unit_mma<T, bits, XT>(
             acc,
             lo,
             hi,
-            ok ? s_lo[group] : zero,
-            ok ? b_lo[group] : zero,
-            ok ? s_hi[group] : zero,
-            ok ? b_hi[group] : zero,
+            ok ? sl : zero,
+            ok ? bl : zero,
+            ok ? sh : zero,
+            ok ? bh : zero,
             xw,
             M);
       }
