@@ -92,14 +92,27 @@ def _check_name(name: str, where: str) -> str:
     return name
 
 
-def _requested() -> Optional[str]:
-    name = _override.get()
-    if name is not None:
-        return name
+@functools.lru_cache(maxsize=None)
+def _environment_choice() -> Optional[str]:
+    # Read on the first op, then kept, as MLX reads its own MLX_* variables:
+    # an environment lookup costs a microsecond, on every op of every token.
     env = os.environ.get(ENV_VAR)
     if env:
         return _check_name(env, f"environment variable {ENV_VAR}")
     return None
+
+
+def _requested() -> Optional[str]:
+    name = _override.get()
+    if name is not None:
+        return name
+    return _environment_choice()
+
+
+def override() -> Optional[str]:
+    """The path :func:`use_backend` forces here, if any (part of every
+    planned call's key)."""
+    return _override.get()
 
 
 def _device_of(stream: StreamLike) -> mx.Device:
@@ -163,6 +176,27 @@ class StreamKey:
 
     def __eq__(self, other) -> bool:
         return isinstance(other, StreamKey) and self._name == other._name
+
+
+def stream_name(stream: StreamLike) -> str:
+    """The stream an op on ``stream`` runs on, named (``None`` and a device
+    mean that device's default stream now, which ``mx.stream`` blocks
+    change): a key for work planned for one stream."""
+    global _last_named
+    if stream is None:
+        stream = mx.default_stream(mx.default_device())
+    elif not isinstance(stream, mx.Stream):  # a Device or DeviceType
+        stream = mx.default_stream(stream)
+    # Naming a stream costs a microsecond; comparing two, a tenth of that,
+    # and an op's stream is nearly always the one the last op named.
+    last, name = _last_named
+    if last is None or stream != last:
+        name = repr(stream)
+        _last_named = (stream, name)
+    return name
+
+
+_last_named = (None, "")
 
 
 def kernel_stream(stream: StreamLike) -> mx.Stream:

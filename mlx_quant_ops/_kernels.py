@@ -20,11 +20,12 @@ import importlib.util
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import mlx.core as mx
 
-from ._backend import backend
+from . import _validate as check
+from ._backend import StreamLike, backend, override, stream_name
 
 # When set, every launch pre-fills its outputs with this value (NaN for
 # floats) so an element a kernel fails to write shows up in tests instead of
@@ -272,11 +273,87 @@ def plan_cache(function):
 
 
 def clear_plans() -> None:
-    """Forget every planned launch. Plans follow the dispatch rules and
+    """Forget every planned launch and planned call (:class:`CallPlans`). Plans follow the dispatch rules and
     tunables of the moment they were made; a test that changes those (or
     the GPU the ops believe they run on) clears them first."""
     for cached in _PLAN_CACHES:
         cached.cache_clear()
+
+
+# Signatures a CallPlans keeps before starting afresh (a model has a few
+# dozen; a server meeting many prompt lengths has more, each a few KB).
+_CALL_PLAN_ENTRIES = 2048
+
+
+class CallPlans:
+    """A public op's calls, planned once per call signature.
+
+    mlx-lm builds each decode step's graph on the host, op by op, every
+    token, and MLX's built-in ``quantized_matmul`` spends about a
+    microsecond there. Running our checks, dispatch, custom function and
+    kernel call in Python each time cost 30-50 µs on the H100's host, which
+    left a patched model host-bound at a third of MLX's tokens per second.
+
+    So the first call of a signature (the arrays' shapes and dtypes, the
+    options' types and values, the stream, the forced path and the testing
+    switches) checks its arguments and makes a function of the arrays; on a
+    GPU path that function goes through ``mx.compile``, so later calls
+    replay its traced graph (custom function and kernels, gradients
+    included) without running this package's Python again. The reference
+    path runs its function as is. A call whose arguments cannot be keyed (a
+    list, a NumPy array) is checked afresh, and fails there.
+    """
+
+    __slots__ = ("_plans",)
+
+    def __init__(self):
+        self._plans = {}
+        _PLAN_CACHES.append(self)
+
+    def cache_clear(self) -> None:
+        self._plans.clear()
+
+    def __call__(
+        self,
+        make: Callable,
+        stream: StreamLike,
+        arrays: Tuple[Optional[mx.array], ...],
+        options: tuple,
+    ):
+        """``make(stream, *arrays, *options)(*arrays)``, with the function
+        ``make`` returns kept for the next call of the same signature.
+
+        Args:
+            make: checks the arguments (raising as the op documents) and
+                returns a function of ``arrays`` computing the op.
+            stream: the op's ``stream`` argument.
+            arrays: the op's array arguments (``None`` where omitted).
+            options: the op's other arguments.
+
+        Returns:
+            What the op returns.
+        """
+        key = check.signature((*arrays, *options))
+        if key is not None:
+            key = (
+                stream_name(stream),
+                override(),
+                _poison.get(),
+                CUDA_INCLUDES.get(),
+                key,
+            )
+            run = self._plans.get(key)
+            if run is not None:
+                return run(*arrays)
+        run = make(stream, *arrays, *options)
+        if backend(stream) != "reference":
+            run = mx.compile(run)
+        result = run(*arrays)
+        if key is not None:
+            if len(self._plans) >= _CALL_PLAN_ENTRIES:
+                self._plans.clear()
+            self._plans[key] = run
+        return result
 
 
 @contextlib.contextmanager

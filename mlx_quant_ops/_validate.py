@@ -13,7 +13,7 @@ path the op then takes, so messages are identical on every path.
 
 import functools
 import itertools
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
 import mlx.core as mx
 import numpy as np
@@ -127,27 +127,39 @@ _ARRAY = object()  # tags an array's (shape, dtype) in a key
 _MEMO_ENTRIES = 4096
 
 
+def signature(args: Sequence) -> Optional[tuple]:
+    """What a check of ``args`` can see, as a hashable key: each array's
+    shape and dtype, each option's type and value (so ``True`` and ``1``
+    differ). ``None`` where an argument is of any other kind (a list, a
+    NumPy array): such a call is checked afresh every time."""
+    key = []
+    for a in args:
+        if type(a) is mx.array:
+            key.append(_ARRAY)
+            key.append(a.shape)
+            key.append(a.dtype)
+        elif isinstance(a, _PLAIN_TYPES):
+            key.append(type(a))
+            key.append(a)
+        else:
+            return None
+    return tuple(key)
+
+
 def memoized(check: Callable) -> Callable:
     """``check`` remembered by what it can see: a check of types, dtypes,
     shapes and options (never of array values) gives the same answer for
     the same arrays' shapes and dtypes and the same options, so a repeated
-    call (a decode step's every layer, every token) returns the earlier
-    result instead of checking again. Failing calls raise and are not
-    remembered. Keys carry each option's type, so ``True`` and ``1`` differ.
+    call returns the earlier result instead of checking again. Failing
+    calls raise and are not remembered.
     """
     results = {}
 
     @functools.wraps(check)
     def remembered(*args):
-        key = []
-        for a in args:
-            if type(a) is mx.array:
-                key.append((_ARRAY, a.shape, a.dtype))
-            elif isinstance(a, _PLAIN_TYPES):
-                key.append((type(a), a))
-            else:
-                return check(*args)
-        key = tuple(key)
+        key = signature(args)
+        if key is None:
+            return check(*args)
         try:
             return results[key]
         except KeyError:

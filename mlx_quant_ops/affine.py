@@ -15,7 +15,10 @@ stream).
 Every op comes in three pieces: ``_<op>_reference`` (pure ``mx``; the CPU
 path and the oracle), ``_<op>_kernel`` (the Metal bodies in ``kernels/``,
 run on CUDA through the compatibility header) and the public ``<op>``, which
-validates once and dispatches on the stream's device. The matmuls are
+validates once and dispatches on the stream's device. The public ops plan
+each call signature once (``_plan_<op>``, kept by a ``CallPlans``), so a
+repeated call, every layer of every decoded token, replays a compiled graph
+instead of running this module's Python again. The matmuls are
 ``mx.custom_function`` s, so gradients with respect to ``x``, ``scales``
 and ``biases`` follow the same path as the forward pass.
 """
@@ -31,6 +34,7 @@ from . import _backend
 from . import _validate as check
 from ._backend import StreamKey, StreamLike, backend, dispatch
 from ._kernels import (
+    CallPlans,
     KernelSpec,
     Launcher,
     ceil_to,
@@ -470,6 +474,15 @@ def quantize(
         codes (uint32, ``[..., K * bits / 32]``), the scales and the biases
         (``w.dtype``, ``[..., K / group_size]``).
     """
+    return _QUANTIZE_CALLS(
+        _plan_quantize, stream, (w,), (group_size, bits, mode, global_scale)
+    )
+
+
+_QUANTIZE_CALLS = CallPlans()
+
+
+def _plan_quantize(stream, w, group_size, bits, mode, global_scale):
     op = "quantize"
     group_size, bits = _format(op, group_size, bits, mode, global_scale)
     check.array(op, "w", w)
@@ -478,9 +491,13 @@ def quantize(
     check.last_axis_multiple(
         op, "w", w, group_size, f"groups of group_size={group_size}"
     )
-    return dispatch(
-        _quantize_reference, _quantize_kernel, w, group_size, bits, stream=stream
-    )
+
+    def run(w):
+        return dispatch(
+            _quantize_reference, _quantize_kernel, w, group_size, bits, stream=stream
+        )
+
+    return run
 
 
 # ---- dequantize --------------------------------------------------------------
@@ -553,22 +570,40 @@ def dequantize(
     Returns:
         mlx.core.array: ``[..., P * 32 / bits]`` values.
     """
+    return _DEQUANTIZE_CALLS(
+        _plan_dequantize,
+        stream,
+        (w, scales, biases),
+        (group_size, bits, mode, global_scale, dtype),
+    )
+
+
+_DEQUANTIZE_CALLS = CallPlans()
+
+
+def _plan_dequantize(
+    stream, w, scales, biases, group_size, bits, mode, global_scale, dtype
+):
     op = "dequantize"
     group_size, bits = _format(op, group_size, bits, mode, global_scale)
     _check_packed(op, w, scales, biases, group_size, bits)
     natural = _result_dtype(scales.dtype, biases.dtype)
     dtype = natural if dtype is None else check.float_dtype(op, "dtype", dtype)
-    return dispatch(
-        _dequantize_reference,
-        _dequantize_kernel,
-        w,
-        scales,
-        biases,
-        group_size,
-        bits,
-        dtype,
-        stream=stream,
-    )
+
+    def run(w, scales, biases):
+        return dispatch(
+            _dequantize_reference,
+            _dequantize_kernel,
+            w,
+            scales,
+            biases,
+            group_size,
+            bits,
+            dtype,
+            stream=stream,
+        )
+
+    return run
 
 
 # ---- shared by the matmuls ----------------------------------------------------
@@ -1084,26 +1119,45 @@ def quantized_matmul(
         ``w`` broadcast together; dtype the promotion of ``x``'s, the
         scales' and the biases' dtypes.
     """
+    return _QUANTIZED_MATMUL_CALLS(
+        _plan_quantized_matmul,
+        stream,
+        (x, w, scales, biases),
+        (transpose, group_size, bits, mode),
+    )
+
+
+_QUANTIZED_MATMUL_CALLS = CallPlans()
+
+
+def _plan_quantized_matmul(
+    stream, x, w, scales, biases, transpose, group_size, bits, mode
+):
     op = "quantized_matmul"
     group_size, bits = _format(op, group_size, bits, mode)
     _, _, dtype = _check_matmul(op, x, w, scales, biases, transpose, group_size, bits)
-    return _quantized_matmul_checked(
-        op, x, w, scales, biases, transpose, group_size, bits, dtype, stream
+    return _checked_quantized_matmul(
+        op, x, w, transpose, group_size, bits, dtype, stream
     )
 
 
-def _quantized_matmul_checked(
-    op, x, w, scales, biases, transpose, group_size, bits, dtype, stream
-):
+def _checked_quantized_matmul(op, x, w, transpose, group_size, bits, dtype, stream):
+    """The function of ``(x, w, scales, biases)`` that multiplies arrays of
+    the checked ones' shapes and dtypes (``x`` may be a vector)."""
     vector = x.ndim == 1
-    if vector:
-        x = x[None]
-    check.broadcast_shapes(op, "x and w batch dimensions", x.shape[:-2], w.shape[:-2])
+    x_batch = x.shape[:-2] if not vector else ()
+    check.broadcast_shapes(op, "x and w batch dimensions", x_batch, w.shape[:-2])
     fn = _differentiable_quantized_matmul(
         transpose, group_size, bits, StreamKey(stream)
     )
-    out = fn(x.astype(dtype), w, scales.astype(dtype), biases.astype(dtype))
-    return out.squeeze(-2) if vector else out
+
+    def run(x, w, scales, biases):
+        if vector:
+            x = x[None]
+        out = fn(x.astype(dtype), w, scales.astype(dtype), biases.astype(dtype))
+        return out.squeeze(-2) if vector else out
+
+    return run
 
 
 # ---- gather_qmm ----------------------------------------------------------------
@@ -1380,25 +1434,52 @@ def gather_qmm(
         global_scale: only ``None``.
         sorted_indices (bool): promise that ``rhs_indices`` is sorted
             (lets the kernels group rows by expert). Default: False.
+        stream (mlx.core.Stream or Device, optional): where to run.
+
+    Returns:
+        mlx.core.array: ``[*broadcast(lhs_indices, rhs_indices).shape, M, N]``.
 
     Index values are never read back to the host (that would stall the
     device on every MoE layer and break ``mx.compile``): a product whose
     index is out of range comes out as a row of NaN, never as an
     out-of-bounds read.
-        stream (mlx.core.Stream or Device, optional): where to run.
-
-    Returns:
-        mlx.core.array: ``[*broadcast(lhs_indices, rhs_indices).shape, M, N]``.
     """
+    return _GATHER_QMM_CALLS(
+        _plan_gather_qmm,
+        stream,
+        (x, w, scales, biases, lhs_indices, rhs_indices),
+        (transpose, group_size, bits, mode, global_scale, sorted_indices),
+    )
+
+
+_GATHER_QMM_CALLS = CallPlans()
+
+
+def _plan_gather_qmm(
+    stream,
+    x,
+    w,
+    scales,
+    biases,
+    lhs_indices,
+    rhs_indices,
+    transpose,
+    group_size,
+    bits,
+    mode,
+    global_scale,
+    sorted_indices,
+):
     op = "gather_qmm"
     group_size, bits = _format(op, group_size, bits, mode, global_scale)
     check.boolean(op, "sorted_indices", sorted_indices)
     _, _, dtype = _check_matmul(op, x, w, scales, biases, transpose, group_size, bits)
     if lhs_indices is None and rhs_indices is None:
         # MLX's rule: without indices this is a plain quantized_matmul.
-        return _quantized_matmul_checked(
-            op, x, w, scales, biases, transpose, group_size, bits, dtype, stream
+        run = _checked_quantized_matmul(
+            op, x, w, transpose, group_size, bits, dtype, stream
         )
+        return lambda x, w, scales, biases, lhs, rhs: run(x, w, scales, biases)
     check.ndim(op, "x", x, at_least=2)
     _check_indices(op, "lhs_indices", lhs_indices)
     _check_indices(op, "rhs_indices", rhs_indices)
@@ -1409,12 +1490,18 @@ def gather_qmm(
         x_batch if lhs_indices is None else lhs_indices.shape,
         w_batch if rhs_indices is None else rhs_indices.shape,
     )
-    # Every op added here costs host time on each MoE call: missing indices
-    # (every batch entry in order, MLX's default) come prebuilt in the
-    # broadcast shape, and arrays already of that shape pass through.
-    lhs = _indices_in_shape(lhs_indices, x_batch, shape)
-    rhs = _indices_in_shape(rhs_indices, w_batch, shape)
     fn = _differentiable_gather_qmm(
         transpose, group_size, bits, sorted_indices, StreamKey(stream)
     )
-    return fn(x.astype(dtype), w, scales.astype(dtype), biases.astype(dtype), lhs, rhs)
+
+    def run(x, w, scales, biases, lhs_indices, rhs_indices):
+        # Missing indices (every batch entry in order, MLX's default) come
+        # prebuilt in the broadcast shape; arrays already of that shape
+        # pass through.
+        lhs = _indices_in_shape(lhs_indices, x_batch, shape)
+        rhs = _indices_in_shape(rhs_indices, w_batch, shape)
+        return fn(
+            x.astype(dtype), w, scales.astype(dtype), biases.astype(dtype), lhs, rhs
+        )
+
+    return run

@@ -742,10 +742,11 @@ def test_errors_after_a_remembered_good_call():
         mqo.quantized_matmul(x, w_q, scales[:, :1], biases, True, 64, 4)
 
 
-def test_repeated_calls_reuse_one_planned_launch():
-    # The same shapes again (every token of a decode) launch what was
-    # planned the first time: one plan per shape, though every call hands
-    # MLX a new stream handle (recorded, not run: see cuda_compile.py).
+def test_repeated_calls_replay_one_planned_call():
+    # The same signature again (every layer of every decoded token) replays
+    # the graph compiled on its first call: the op's Python, launch planning
+    # included, runs once per signature, though every call hands MLX a new
+    # stream handle (recorded, not run: see cuda_compile.py).
     from cuda_compile import recording
 
     w_q, scales, biases = _packed((300, 256), 4, 64, mx.float16)
@@ -754,9 +755,36 @@ def test_repeated_calls_reuse_one_planned_launch():
         for m in (1, 1, 1, 3, 3):
             x = mx.zeros((m, 256), mx.float16)
             mx.eval(mqo.quantized_matmul(x, w_q, scales, biases))
+        # Passing the arrays as keywords is the same signature.
+        mx.eval(mqo.quantized_matmul(x, w_q, scales=scales, biases=biases))
         info = plan.cache_info()
-    assert (info.misses, info.hits) == (2, 3)
-    assert [dict(l.template)["XR"] for l in launches] == [1, 1, 1, 4, 4]
+    assert (info.misses, info.hits) == (2, 0)
+    assert [dict(l.template)["XR"] for l in launches] == [1, 4]
+
+
+def test_planned_calls_follow_their_signature():
+    # A replayed call computes on its own arrays, and any change a check or
+    # plan could see (shape, dtype, option type, forced path) plans again.
+    w_q, scales, biases = _weights((40, 128), mx.float32, 64, 4)
+    calls = mqo.affine._QUANTIZED_MATMUL_CALLS
+    first = mx.random.normal((2, 128), key=mx.random.key(1))
+    second = mx.random.normal((2, 128), key=mx.random.key(2))
+    for x in (first, second):
+        out = mqo.quantized_matmul(x, w_q, scales, biases, True, 64, 4)
+        exact = _np(x).astype(np.float64) @ _dense64(w_q, scales, biases, 64, 4).T
+        assert rel_error(_np(out), exact) <= TOLERANCE[mx.float32]
+    assert len(calls._plans) == 1
+    mqo.quantized_matmul(first[:1], w_q, scales, biases, True, 64, 4)
+    mqo.quantized_matmul(first.astype(mx.float16), w_q, scales, biases, True, 64, 4)
+    with pytest.raises(TypeError, match="transpose"):
+        mqo.quantized_matmul(first, w_q, scales, biases, 1, 64, 4)
+    with mqo.use_backend("reference"):
+        mqo.quantized_matmul(first, w_q, scales, biases, True, 64, 4)
+    # A plan runs on the stream it was made for: another default stream
+    # (an mx.stream block) plans again.
+    with mx.stream(mx.new_stream(mx.default_device())):
+        mqo.quantized_matmul(first, w_q, scales, biases, True, 64, 4)
+    assert len(calls._plans) == 5
 
 
 def test_errors_are_raised_before_any_work():
