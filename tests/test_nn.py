@@ -664,3 +664,18 @@ print("ok")
         [sys.executable, "-c", script], capture_output=True, text=True, env=env
     )
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+
+
+def test_bench_decode_rows_time_both_layer_sets(monkeypatch):
+    # The end-to-end benchmark rows run mlx-lm's decoding on MLX's layers and
+    # then on ours: both timings are real and the model was patched between.
+    from mlx_quant_ops.bench import decode_cases
+
+    patched = []
+    real_patch = mqo.nn.patch
+    monkeypatch.setattr(mqo.nn, "patch", lambda m: patched.append(m) or real_patch(m))
+    lines = []
+    (row,) = decode_cases.run(quick=True, log=lines.append)
+    assert len(patched) == 1
+    assert 0 < row.ours_us < 60e6 and 0 < row.builtin_us < 60e6
+    assert lines == [decode_cases.format_row(row)]

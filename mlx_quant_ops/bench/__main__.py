@@ -1,5 +1,7 @@
 """``python -m mlx_quant_ops.bench [--quick] [--only GROUP]``: one row per op
-and LLM-shaped case; see :mod:`mlx_quant_ops.bench.core` for the protocol."""
+and LLM-shaped case (see :mod:`mlx_quant_ops.bench.core` for the protocol),
+then mlx-lm decoding per token where mlx-lm is installed
+(:mod:`mlx_quant_ops.bench.decode_cases`)."""
 
 import argparse
 import datetime
@@ -45,6 +47,13 @@ def main(argv=None):
         if args.only:
             cases = [c for c in cases if args.only in c.group]
         rows += run_cases(cases, bandwidth)
+    decode_rows = []
+    wants_decode = args.only is None or args.only in "mlx-lm decode"
+    if wants_decode and importlib.util.find_spec("mlx_lm") is not None:
+        from . import decode_cases
+
+        print(decode_cases.HEADER)
+        decode_rows = decode_cases.run(args.quick)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(
@@ -63,6 +72,14 @@ def main(argv=None):
                             "floor_us": r.floor_us,
                         }
                         for r in rows
+                    ],
+                    "decode": [
+                        {
+                            "model": r.name,
+                            "ours_us_per_token": r.ours_us,
+                            "builtin_us_per_token": r.builtin_us,
+                        }
+                        for r in decode_rows
                     ],
                 },
                 f,
