@@ -16,22 +16,28 @@ from typing import List
 import mlx.core as mx
 import mlx.nn as nn
 
+
+def _llama(hidden: int, layers: int, mlp: int, heads: int, kv_heads: int, vocab: int):
+    """mlx-lm ``llama.ModelArgs`` fields of a Llama of these sizes."""
+    return dict(
+        model_type="llama",
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        intermediate_size=mlp,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        rms_norm_eps=1e-5,
+        vocab_size=vocab,
+        tie_word_embeddings=False,
+    )
+
+
 #: (row name, mlx-lm module, its ModelArgs fields)
 FULL_MODELS = (
     (
         "Llama-3-8B shape, 8 of 32 layers",
         "llama",
-        dict(
-            model_type="llama",
-            hidden_size=4096,
-            num_hidden_layers=8,
-            intermediate_size=14336,
-            num_attention_heads=32,
-            num_key_value_heads=8,
-            rms_norm_eps=1e-5,
-            vocab_size=128256,
-            tie_word_embeddings=False,
-        ),
+        _llama(4096, 8, 14336, 32, 8, 128256),
     ),
     (
         "Qwen3-30B-A3B shape, 4 of 48 layers",
@@ -58,22 +64,7 @@ FULL_MODELS = (
         ),
     ),
 )
-QUICK_MODELS = (
-    (
-        "tiny Llama",
-        "llama",
-        dict(
-            model_type="llama",
-            hidden_size=256,
-            num_hidden_layers=2,
-            intermediate_size=512,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            rms_norm_eps=1e-5,
-            vocab_size=1000,
-        ),
-    ),
-)
+QUICK_MODELS = (("tiny Llama", "llama", _llama(256, 2, 512, 4, 2, 1000)),)
 PROMPT_TOKENS = 32
 DECODE_TOKENS = 48
 
