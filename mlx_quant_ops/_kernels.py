@@ -273,9 +273,10 @@ def plan_cache(function):
 
 
 def clear_plans() -> None:
-    """Forget every planned launch and planned call (:class:`CallPlans`). Plans follow the dispatch rules and
-    tunables of the moment they were made; a test that changes those (or
-    the GPU the ops believe they run on) clears them first."""
+    """Forget every planned launch and planned call (:class:`CallPlans`).
+    Plans follow the dispatch rules and tunables of the moment they were
+    made; a test that changes those (or the GPU the ops believe they run
+    on) clears them first."""
     for cached in _PLAN_CACHES:
         cached.cache_clear()
 

@@ -11,9 +11,8 @@ sizes and option values are ``ValueError``. The same checks run whatever
 path the op then takes, so messages are identical on every path.
 """
 
-import functools
 import itertools
-from typing import Callable, Iterable, Optional, Sequence
+from typing import Iterable, Optional, Sequence
 
 import mlx.core as mx
 import numpy as np
@@ -120,15 +119,14 @@ def boolean(op: str, arg: str, value) -> bool:
     return value
 
 
-# Arguments a memoized check may key on as they are; anything else (lists,
-# NumPy arrays, other objects) makes the call run unmemoized.
+# Arguments a call signature may hold as they are; anything else (lists,
+# NumPy arrays, other objects) makes the call unkeyable.
 _PLAIN_TYPES = (int, float, bool, str, type(None), mx.Dtype)
-_ARRAY = object()  # tags an array's (shape, dtype) in a key
-_MEMO_ENTRIES = 4096
+_ARRAY = object()  # tags an array's shape and dtype in a key
 
 
 def signature(args: Sequence) -> Optional[tuple]:
-    """What a check of ``args`` can see, as a hashable key: each array's
+    """What the checks of ``args`` can see, as a hashable key: each array's
     shape and dtype, each option's type and value (so ``True`` and ``1``
     differ). ``None`` where an argument is of any other kind (a list, a
     NumPy array): such a call is checked afresh every time."""
@@ -144,30 +142,3 @@ def signature(args: Sequence) -> Optional[tuple]:
         else:
             return None
     return tuple(key)
-
-
-def memoized(check: Callable) -> Callable:
-    """``check`` remembered by what it can see: a check of types, dtypes,
-    shapes and options (never of array values) gives the same answer for
-    the same arrays' shapes and dtypes and the same options, so a repeated
-    call returns the earlier result instead of checking again. Failing
-    calls raise and are not remembered.
-    """
-    results = {}
-
-    @functools.wraps(check)
-    def remembered(*args):
-        key = signature(args)
-        if key is None:
-            return check(*args)
-        try:
-            return results[key]
-        except KeyError:
-            pass
-        result = check(*args)
-        if len(results) >= _MEMO_ENTRIES:
-            results.clear()
-        results[key] = result
-        return result
-
-    return remembered

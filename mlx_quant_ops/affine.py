@@ -220,7 +220,6 @@ _MAX_GRID_Y = 65535  # CUDA's limit on grid y (tiles)
 # ---- format and validation -----------------------------------------------
 
 
-@check.memoized
 def _format(op: str, group_size, bits, mode, global_scale=None) -> Tuple[int, int]:
     """Checked ``(group_size, bits)``, with MLX's affine defaults for None."""
     if mode != "affine":
@@ -288,7 +287,6 @@ def _result_dtype(*dtypes: mx.Dtype) -> mx.Dtype:
     return kinds.pop() if len(kinds) == 1 else mx.float32
 
 
-@check.memoized
 def _check_matmul(op: str, x, w, scales, biases, transpose, group_size, bits):
     """Checks shared by the matmuls; returns ``(K, N, out_dtype)`` where the
     product is ``[..., M, K] x [K, N]``."""

@@ -723,9 +723,9 @@ def test_errors_gather_qmm():
 
 
 def test_errors_after_a_remembered_good_call():
-    # The checks are remembered by the arrays' shapes and dtypes and the
-    # options (a decode step repeats them every token): a good call must
-    # not let a later bad one through, nor True stand in for 1.
+    # Calls are planned once per signature, the arrays' shapes and dtypes
+    # and the options (a decode step repeats them every token): a good call
+    # must not let a later bad one through, nor True stand in for 1.
     w_q, scales, biases = _packed((32, 128), 4, 64, mx.float32)
     x = mx.zeros((2, 128))
     mqo.quantized_matmul(x, w_q, scales, biases, True, 64, 4)
