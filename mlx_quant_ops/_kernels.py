@@ -17,6 +17,7 @@ import contextvars
 import functools
 import hashlib
 import importlib.util
+import operator
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -276,9 +277,15 @@ def clear_plans() -> None:
     """Forget every planned launch and planned call (:class:`CallPlans`).
     Plans follow the dispatch rules and tunables of the moment they were
     made; a test that changes those (or the GPU the ops believe they run
-    on) clears them first."""
+    on) clears them first. A :class:`LastCall` kept before then no longer
+    matches (see :func:`plan_context`)."""
+    global _plan_generation
+    _plan_generation += 1
     for cached in _PLAN_CACHES:
         cached.cache_clear()
+
+
+_plan_generation = 0  # how many times clear_plans ran
 
 
 # Signatures a CallPlans keeps before starting afresh (a model has a few
@@ -334,26 +341,123 @@ class CallPlans:
         Returns:
             What the op returns.
         """
-        key = check.signature((*arrays, *options))
+        return self.call(make, stream, arrays, options)[0]
+
+    def call(
+        self,
+        make: Callable,
+        stream: StreamLike,
+        arrays: Tuple[Optional[mx.array], ...],
+        options: tuple,
+    ) -> Tuple[object, Optional[Callable]]:
+        """As calling the CallPlans, and also the planned function of
+        ``arrays`` that computed the result (``None`` for a call that cannot
+        be keyed), for a caller that keeps its own :class:`LastCall`."""
+        key = check.signature(arrays, options)
         if key is not None:
-            key = (
-                stream_name(stream),
-                override(),
-                _poison.get(),
-                CUDA_INCLUDES.get(),
-                key,
-            )
+            key = (plan_context(stream), key)
             run = self._plans.get(key)
             if run is not None:
-                return run(*arrays)
+                return run(*arrays), run
         run = make(stream, *arrays, *options)
         if backend(stream) != "reference":
             run = mx.compile(run)
         result = run(*arrays)
-        if key is not None:
-            if len(self._plans) >= _CALL_PLAN_ENTRIES:
-                self._plans.clear()
-            self._plans[key] = run
+        if key is None:
+            return result, None
+        if len(self._plans) >= _CALL_PLAN_ENTRIES:
+            self._plans.clear()
+        self._plans[key] = run
+        return result, run
+
+
+def plan_context(stream: StreamLike) -> tuple:
+    """What a planned call depends on besides its arguments: the stream it
+    runs on (by name: ``None`` follows ``mx.stream`` blocks), the path
+    :func:`use_backend` forces, the testing switches, and how many times
+    :func:`clear_plans` ran."""
+    return (
+        stream_name(stream),
+        override(),
+        _poison.get(),
+        CUDA_INCLUDES.get(),
+        _plan_generation,
+    )
+
+
+class LastCall:
+    """One caller's last planned call of an op, for a caller that repeats
+    it with the same arrays for most arguments: a layer, whose weights,
+    scales and biases stay the same objects from token to token.
+
+    Checking those by identity, and only the other arrays (the activations,
+    the expert indices) by shape and dtype, costs about a third of building
+    the op's whole signature, on a path mlx-lm takes for every layer of
+    every decoded token. Anything else (new weight objects, a new shape,
+    another stream, option or forced path) goes through the op's
+    :class:`CallPlans` as any call does.
+
+    The held arrays and the options are compared by identity: a layer
+    passes the same objects every time, and Python keeps one object for
+    each small int, bool and literal string, so ``1`` never passes for
+    ``True``; equal objects that are not the same only cost a trip through
+    the CallPlans. The held arrays stay alive until the next call or
+    :meth:`forget`, which keeps the identity check exact.
+    """
+
+    __slots__ = ("_fixed", "_key", "_run")
+
+    def __init__(self):
+        self.forget()
+
+    def forget(self) -> None:
+        """Drop the kept call and its arrays (a layer whose arrays were
+        replaced calls this, so the old ones are not kept alive)."""
+        self._fixed = ()
+        self._key = None
+        self._run = None
+
+    def __call__(
+        self,
+        plans: CallPlans,
+        make: Callable,
+        stream: StreamLike,
+        arrays: Tuple[Optional[mx.array], ...],
+        options: tuple,
+        varying: Tuple[mx.array, ...],
+        held: Tuple[mx.array, ...],
+    ):
+        """``plans(make, stream, arrays, options)``, replaying the last
+        call's planned function when nothing it depends on changed.
+
+        Args:
+            plans, make, stream, arrays, options: as for :class:`CallPlans`.
+            varying: the arrays of ``arrays`` that change between calls
+                (compared by shape and dtype).
+            held: the rest of ``arrays`` (compared by identity).
+
+        Returns:
+            What the op returns.
+        """
+        key = [plan_context(stream)]
+        for a in varying:
+            if type(a) is not mx.array:
+                return plans(make, stream, arrays, options)
+            key.append(a.shape)
+            key.append(a.dtype)
+        key = tuple(key)
+        fixed = (*held, *options)
+        if (
+            key == self._key
+            and len(fixed) == len(self._fixed)
+            and all(map(operator.is_, fixed, self._fixed))
+        ):
+            return self._run(*arrays)
+        result, run = plans.call(make, stream, arrays, options)
+        if run is None:
+            self.forget()
+        else:
+            self._fixed, self._key, self._run = fixed, key, run
         return result
 
 

@@ -119,26 +119,35 @@ def boolean(op: str, arg: str, value) -> bool:
     return value
 
 
-# Arguments a call signature may hold as they are; anything else (lists,
-# NumPy arrays, other objects) makes the call unkeyable.
-_PLAIN_TYPES = (int, float, bool, str, type(None), mx.Dtype)
-_ARRAY = object()  # tags an array's shape and dtype in a key
+# Options a call signature may hold as they are; anything else (lists,
+# NumPy arrays, other objects, subclasses of these) makes the call unkeyable.
+_PLAIN_TYPES = frozenset((int, float, bool, str, type(None), mx.Dtype))
 
 
-def signature(args: Sequence) -> Optional[tuple]:
-    """What the checks of ``args`` can see, as a hashable key: each array's
-    shape and dtype, each option's type and value (so ``True`` and ``1``
-    differ). ``None`` where an argument is of any other kind (a list, a
-    NumPy array): such a call is checked afresh every time."""
+def signature(arrays: Sequence, options: Sequence) -> Optional[tuple]:
+    """What the checks of a call can see, as a hashable key: each array's
+    shape and dtype (``None`` for an omitted one), each option's type and
+    value (so ``True`` and ``1`` differ). ``None`` where an argument is of
+    any other kind (a list, a NumPy array): such a call is checked afresh
+    every time.
+
+    This runs on every call of every op (a decode step makes hundreds), so
+    it is written for speed: no tags, one flat list.
+    """
     key = []
-    for a in args:
+    for a in arrays:
         if type(a) is mx.array:
-            key.append(_ARRAY)
             key.append(a.shape)
             key.append(a.dtype)
-        elif isinstance(a, _PLAIN_TYPES):
-            key.append(type(a))
-            key.append(a)
+        elif a is None:
+            # A shape is never None, so one entry keeps the key unambiguous.
+            key.append(None)
         else:
             return None
+    for option in options:
+        kind = type(option)
+        if kind not in _PLAIN_TYPES:
+            return None
+        key.append(kind)
+        key.append(option)
     return tuple(key)

@@ -36,6 +36,7 @@ from ._backend import StreamKey, StreamLike, backend, dispatch
 from ._kernels import (
     CallPlans,
     KernelSpec,
+    LastCall,
     Launcher,
     ceil_to,
     device_table,
@@ -1128,6 +1129,23 @@ def quantized_matmul(
 _QUANTIZED_MATMUL_CALLS = CallPlans()
 
 
+def _layer_quantized_matmul(
+    last_call: LastCall, x, w, scales, biases, group_size, bits
+) -> mx.array:
+    """``quantized_matmul(x, w, scales, biases, transpose=True, ...)`` for a
+    layer holding ``w``, ``scales`` and ``biases``, through the layer's
+    ``last_call`` (see :class:`LastCall`)."""
+    return last_call(
+        _QUANTIZED_MATMUL_CALLS,
+        _plan_quantized_matmul,
+        None,
+        (x, w, scales, biases),
+        (True, group_size, bits, "affine"),
+        (x,),
+        (w, scales, biases),
+    )
+
+
 def _plan_quantized_matmul(
     stream, x, w, scales, biases, transpose, group_size, bits, mode
 ):
@@ -1451,6 +1469,23 @@ def gather_qmm(
 
 
 _GATHER_QMM_CALLS = CallPlans()
+
+
+def _layer_gather_qmm(
+    last_call: LastCall, x, w, scales, biases, indices, group_size, bits, sorted_indices
+) -> mx.array:
+    """``gather_qmm(x, w, scales, biases, rhs_indices=indices,
+    transpose=True, ...)`` for a layer holding ``w``, ``scales`` and
+    ``biases``, through the layer's ``last_call`` (see :class:`LastCall`)."""
+    return last_call(
+        _GATHER_QMM_CALLS,
+        _plan_gather_qmm,
+        None,
+        (x, w, scales, biases, None, indices),
+        (True, group_size, bits, "affine", None, sorted_indices),
+        (x, indices),
+        (w, scales, biases),
+    )
 
 
 def _plan_gather_qmm(

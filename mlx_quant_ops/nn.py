@@ -32,6 +32,7 @@ from mlx.utils import tree_map_with_path
 
 from . import _validate as check
 from . import affine
+from ._kernels import LastCall
 
 try:
     from mlx_lm.models.switch_layers import (
@@ -75,27 +76,51 @@ def _adopt(cls, base: type, layer: nn.Module, op: str) -> nn.Module:
     # Plain attributes first (group_size, bits, mode, _training, ...), then
     # the arrays, which a Module keeps as its dict items.
     adopted.__dict__.update(layer.__dict__)
+    adopted.__dict__.pop("_last_call", None)  # never share another's
     adopted._no_grad = set(layer._no_grad)
     dict.update(adopted, layer)
     return adopted
+
+
+class _PlannedCalls:
+    """Mixed into each layer: its last planned op call (a
+    :class:`~mlx_quant_ops._kernels.LastCall`), so the layer's next call
+    with the same weight arrays skips building the op's whole signature.
+    Replacing an array of the layer (``update``, ``load_weights``,
+    assignment: all go through ``__setitem__``) drops it, so old weights
+    are not kept alive."""
+
+    _last_call: Optional[LastCall] = None  # made on first use (see _adopt)
+
+    def _planned_calls(self) -> LastCall:
+        last = self._last_call
+        if last is None:
+            last = LastCall()
+            object.__setattr__(self, "_last_call", last)
+        return last
+
+    def __setitem__(self, key, value):
+        if self._last_call is not None:
+            self._last_call.forget()
+        super().__setitem__(key, value)
 
 
 def _matmul_by_table(layer: nn.Module, x: mx.array) -> mx.array:
     """``x @ W.T`` for a layer holding an affine-quantized ``[out, in]``
     table ``W`` (a linear layer's weight, or an embedding used as the output
     projection)."""
-    return affine.quantized_matmul(
+    return affine._layer_quantized_matmul(
+        layer._planned_calls(),
         x,
         layer["weight"],
-        scales=layer["scales"],
-        biases=layer["biases"],
-        transpose=True,
-        group_size=layer.group_size,
-        bits=layer.bits,
+        layer["scales"],
+        layer["biases"],
+        layer.group_size,
+        layer.bits,
     )
 
 
-class QuantizedLinear(nn.QuantizedLinear):
+class QuantizedLinear(_PlannedCalls, nn.QuantizedLinear):
     """:class:`mlx.nn.QuantizedLinear` whose forward runs
     :func:`mlx_quant_ops.quantized_matmul`.
 
@@ -176,7 +201,7 @@ class QuantizedLinear(nn.QuantizedLinear):
         return _adopt(cls, nn.QuantizedLinear, layer, "QuantizedLinear.from_quantized")
 
 
-class QuantizedEmbedding(nn.QuantizedEmbedding):
+class QuantizedEmbedding(_PlannedCalls, nn.QuantizedEmbedding):
     """:class:`mlx.nn.QuantizedEmbedding` on mlx-quant-ops' ops.
 
     A lookup dequantizes only the gathered rows with
@@ -314,7 +339,7 @@ else:
             return self.weight.shape[0]
 
 
-class QuantizedSwitchLinear(_SwitchBase):
+class QuantizedSwitchLinear(_PlannedCalls, _SwitchBase):
     """mlx-lm's ``QuantizedSwitchLinear`` (the expert weights of a
     mixture-of-experts layer) whose forward runs
     :func:`mlx_quant_ops.gather_qmm`.
@@ -382,16 +407,16 @@ class QuantizedSwitchLinear(_SwitchBase):
         Returns:
             mlx.core.array: ``[..., M, N]``.
         """
-        y = affine.gather_qmm(
+        y = affine._layer_gather_qmm(
+            self._planned_calls(),
             x,
             self["weight"],
-            scales=self["scales"],
-            biases=self["biases"],
-            rhs_indices=indices,
-            transpose=True,
-            group_size=self.group_size,
-            bits=self.bits,
-            sorted_indices=sorted_indices,
+            self["scales"],
+            self["biases"],
+            indices,
+            self.group_size,
+            self.bits,
+            sorted_indices,
         )
         if "bias" in self:
             y = y + mx.expand_dims(self["bias"][indices], -2)

@@ -23,6 +23,7 @@ from mlx_lm.utils import load_model, quantize_model, save_config, save_model
 
 import mlx_quant_ops as mqo
 from mlx_quant_ops import affine
+from mlx_quant_ops._kernels import CallPlans, clear_plans
 
 # Relative error of a matmul against a float64 product (DESIGN.md).
 TOL = {mx.float32: 1e-5, mx.float16: 5e-3, mx.bfloat16: 5e-3}
@@ -231,21 +232,24 @@ def test_quantized_switch_linear_matches_mlx_lm(dtype, bits, group_size):
 
 
 def test_forwards_run_our_ops(monkeypatch):
-    """Each forward goes through mlx_quant_ops' op, not an mx built-in."""
+    """Each forward is planned by mlx_quant_ops' op (its checks and kernel
+    choice), not by an mx built-in."""
     calls, flags = [], []
 
     def spy(name):
-        op = getattr(affine, name)
+        plan = getattr(affine, f"_plan_{name}")
 
-        def wrapped(*args, **kwargs):
+        def wrapped(*args):
             calls.append(name)
-            flags.append(kwargs.get("sorted_indices"))
-            return op(*args, **kwargs)
+            if name == "gather_qmm":
+                flags.append(args[-1])  # sorted_indices
+            return plan(*args)
 
-        monkeypatch.setattr(affine, name, wrapped)
+        monkeypatch.setattr(affine, f"_plan_{name}", wrapped)
 
     for name in ("quantized_matmul", "gather_qmm", "dequantize"):
         spy(name)
+    clear_plans()  # so every call below meets its op's planner
     lin = mqo.nn.QuantizedLinear(128, 16)
     emb = mqo.nn.QuantizedEmbedding(10, 128)
     sw = mqo.nn.QuantizedSwitchLinear(128, 16, 4)
@@ -260,7 +264,61 @@ def test_forwards_run_our_ops(monkeypatch):
         calls
         == ["quantized_matmul", "dequantize", "quantized_matmul"] + ["gather_qmm"] * 2
     )
-    assert flags[-2:] == [False, True]  # mlx-lm's sorted-experts hint passes on
+    assert flags == [False, True]  # mlx-lm's sorted-experts hint passes on
+
+
+def test_layer_calls_replay_their_last_plan(monkeypatch):
+    """A layer called again with the same weight arrays and input shape
+    replays its last planned call without going back to the op's
+    CallPlans. New arrays (assigned, updated, or swapped in behind the
+    layer's back), a new shape, a forced path or a bad option go back
+    there, and every result is the product of the layer's current arrays."""
+    visits = []
+    call = CallPlans.call
+
+    def counted(self, *args):
+        visits.append(1)
+        return call(self, *args)
+
+    monkeypatch.setattr(CallPlans, "call", counted)
+    mx.random.seed(7)
+    ours = mqo.nn.QuantizedLinear.from_quantized(
+        nn.QuantizedLinear.from_linear(linear(128, 40, mx.float32), 64, 4)
+    )
+    other = nn.QuantizedLinear.from_linear(linear(128, 40, mx.float32), 64, 4)
+
+    def check(x):
+        y = ours(x)
+        exact = f64(x) @ dequantized_f64(ours).T + f64(ours.bias)
+        assert rel_err(y, exact) <= TOL[mx.float32]
+
+    first, second = sample((3, 128), "normal"), sample((3, 128), "uniform")
+    check(first)
+    check(second)
+    assert len(visits) == 1
+    check(first[:1])
+    assert len(visits) == 2
+    ours.update({"scales": other.scales})  # as DWQ's optimizer step does
+    check(first[:1])
+    ours.weight = other.weight
+    check(first[:1])
+    assert len(visits) == 4
+    dict.__setitem__(ours, "biases", other.biases)  # bypasses the layer
+    check(first[:1])
+    check(first[:1])
+    assert len(visits) == 5
+    clear_plans()  # as after new dispatch rules: nothing kept replays
+    check(first[:1])
+    assert len(visits) == 6
+    with mqo.use_backend("reference"):
+        check(first[:1])
+    assert len(visits) == 7
+    # An option is kept by identity: 1 never stands in for True.
+    sw = mqo.nn.QuantizedSwitchLinear(128, 16, 4)
+    xs, experts = mx.random.normal((2, 1, 128)), mx.array([1, 2])
+    sw(xs, experts, sorted_indices=True)
+    with pytest.raises(TypeError, match="sorted_indices"):
+        sw(xs, experts, sorted_indices=1)
 
 
 @pytest.mark.parametrize("kind", ["linear", "embedding", "switch"])
