@@ -726,14 +726,24 @@ print("ok")
 
 def test_bench_decode_rows_time_both_layer_sets(monkeypatch):
     # The end-to-end benchmark rows run mlx-lm's decoding on MLX's layers and
-    # then on ours: both timings are real and the model was patched between.
+    # on ours, alternating: both timings are real, and each timed pass ran
+    # the layer set it is counted for.
     from mlx_quant_ops.bench import decode_cases
 
-    patched = []
+    patched, ran_ours = [], []
     real_patch = mqo.nn.patch
     monkeypatch.setattr(mqo.nn, "patch", lambda m: patched.append(m) or real_patch(m))
+    real_time = decode_cases._per_token_us
+
+    def timed(model, prompt, tokens):
+        q_proj = model.model.layers[0].self_attn.q_proj
+        ran_ours.append(isinstance(q_proj, mqo.nn.QuantizedLinear))
+        return real_time(model, prompt, tokens)
+
+    monkeypatch.setattr(decode_cases, "_per_token_us", timed)
     lines = []
     (row,) = decode_cases.run(quick=True, log=lines.append)
     assert len(patched) == 1
+    assert ran_ours == [False, True] * (decode_cases.ROUNDS + 1)
     assert 0 < row.ours_us < 60e6 and 0 < row.builtin_us < 60e6
     assert lines == [decode_cases.format_row(row)]
