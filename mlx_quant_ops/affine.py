@@ -108,10 +108,13 @@ _QMV_STREAM_ROW_CODE_BYTES = (2048, 1024)  # tried in turn
 _QMV_STREAM_MAX_X_BYTES = 32 * 1024
 _QMV_STREAM_ARCHITECTURES = ("sm_90",)  # bulk copies and mbarrier tx counts
 # Where it wins on the H100 (same-process A/B, tenth session): one x row,
-# 4 bits, K up to 8192 (x staged beside two 2 KB-a-row stages). At K =
-# 14336, at 5 and 8 bits and at 8 rows it tied or lost, so those stay on
-# the register-batch mat-vec.
+# 4 bits, K from 4096 up to 8192 (x staged beside two 2 KB-a-row stages).
+# At K = 14336, at 5 and 8 bits and at 8 rows it tied or lost, so those
+# stay on the register-batch mat-vec; so do rows of K = 2048 (thirteenth
+# session: 151936x2048 took 135 us a call there against 151 streamed,
+# 4096x2048 43 against 48, and no K = 2048 shape was faster streamed).
 _QMV_STREAM_MAX_ROWS = 1
+_QMV_STREAM_MIN_K = 4096
 _QMV_STREAM_MAX_K = 8192
 _QMV_STREAM_BITS = (4,)
 
@@ -151,7 +154,7 @@ def _qmv_stream_fits(
         and _backend.gpu_architecture() in _QMV_STREAM_ARCHITECTURES
         and k % (8 * group_size) == 0
         and rows <= _QMV_STREAM_MAX_ROWS
-        and k <= _QMV_STREAM_MAX_K
+        and _QMV_STREAM_MIN_K <= k <= _QMV_STREAM_MAX_K
         and bits in _QMV_STREAM_BITS
     )
 

@@ -216,6 +216,7 @@ def _stream_everything(monkeypatch):
     it for speed."""
     mqo._kernels.clear_plans()  # launches planned under the old rule
     monkeypatch.setattr(mqo.affine, "_QMV_STREAM_BITS", BITS)
+    monkeypatch.setattr(mqo.affine, "_QMV_STREAM_MIN_K", 0)
     monkeypatch.setattr(mqo.affine, "_QMV_STREAM_MAX_K", 1 << 30)
     monkeypatch.setattr(mqo.affine, "_QMV_STREAM_MAX_ROWS", 16)
 
@@ -835,10 +836,11 @@ def test_dispatcher_picks_kernel_by_shape():
     assert picked(qmm(8)) == [("affine_qmv_mma", 8)]
     assert picked(qmm(16)) == [("affine_qmv_mma", 16)]
 
-    # One 4-bit row with K a multiple of 8 groups, up to 8192, streams
-    # through shared memory on Hopper; more rows, longer K and other
-    # widths stay on the register-batch mat-vec (where each was faster).
-    def stream_qmm(m, k=512, bits=4):
+    # One 4-bit row with K a multiple of 8 groups, from 4096 to 8192,
+    # streams through shared memory on Hopper; more rows, shorter or
+    # longer K and other widths stay on the register-batch mat-vec (where
+    # each was faster).
+    def stream_qmm(m, k=4096, bits=4):
         packed = _packed((300, k), bits, 64, mx.float16)
         x = mx.zeros((m, k), mx.float16)
         return lambda: mqo.quantized_matmul(x, *packed, bits=bits)
@@ -848,6 +850,7 @@ def test_dispatcher_picks_kernel_by_shape():
     assert picked(stream_qmm(1), "sm_80") == [("affine_qmv_mma", 1)]
     assert picked(stream_qmm(2)) == [("affine_qmv_mma", 2)]
     assert picked(stream_qmm(1, k=8704)) == [("affine_qmv_mma", 1)]
+    assert picked(stream_qmm(1, k=2048)) == [("affine_qmv_mma", 1)]
     assert picked(stream_qmm(1, bits=8)) == [("affine_qmv_mma", 1)]
     assert picked(stream_qmm(17)) == [("affine_qmm_wgmma", None)]
     # Past 16 rows, the tensor-core tile: wgmma on Hopper where codes pair

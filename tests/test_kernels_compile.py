@@ -130,6 +130,7 @@ def _streamed_decodes():
     with mock.patch.multiple(
         mqo.affine,
         _QMV_STREAM_BITS=mqo.affine.AFFINE_BITS,
+        _QMV_STREAM_MIN_K=0,
         _QMV_STREAM_MAX_K=1 << 30,
         _QMV_STREAM_MAX_ROWS=16,
     ):
