@@ -840,9 +840,10 @@ def _qmv_stream_launcher(k, n, rows, dtype, group_size, bits, out_shape, stream)
     )
 
 
-def _plan_context(stream) -> tuple:
-    """What a plan depends on besides shapes and options: the path and the
-    GPU's architecture (both can change under tests and use_backend)."""
+def _launch_context(stream) -> tuple:
+    """What a planned launch depends on besides shapes and options: the path
+    and the GPU's architecture (both can change under tests and
+    use_backend). A planned call's context is ``_kernels.plan_context``."""
     return backend(stream), _backend.gpu_architecture()
 
 
@@ -866,7 +867,7 @@ def _matmul_rows_kernel(
         bits,
         tuple(out_shape),
         StreamKey(stream),
-        _plan_context(stream),
+        _launch_context(stream),
     )
     return plan(x, w, scales, biases)[0]
 
@@ -1277,7 +1278,7 @@ def _gather_qmm_kernel(
             bits,
             tuple(out_shape),
             stream_key=StreamKey(stream),
-            context=_plan_context(stream),
+            context=_launch_context(stream),
         )
         return plan(x, w, scales, biases, slot_expert, slot_x)[0]
     n = w.shape[-1] * WORD_BITS // bits
