@@ -35,6 +35,22 @@ import mlx_quant_ops._kernels as kernels_module
 
 MLX_MAX_NDIM = 10
 
+
+def stream_everything() -> Dict[str, object]:
+    """``mlx_quant_ops.affine`` settings under which the streamed mat-vec
+    takes every decode it can run (all widths, any K, up to 16 rows), not
+    only the cases where the dispatcher picks it for speed: patch them in
+    (and clear the planned launches) to test or compile the kernel fully."""
+    from mlx_quant_ops import affine
+
+    return dict(
+        _QMV_STREAM_BITS=affine.AFFINE_BITS,
+        _QMV_STREAM_MIN_K=0,
+        _QMV_STREAM_MAX_K=1 << 30,
+        _QMV_STREAM_MAX_ROWS=16,
+    )
+
+
 DEFAULT_HEADER_SHIM = f"""
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>

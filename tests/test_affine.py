@@ -211,14 +211,13 @@ def test_quantized_matmul_decode_bits(path, dtype, bits, group_size):
 
 
 def _stream_everything(monkeypatch):
-    """Lets the streamed mat-vec take every decode it can run (all widths,
-    any K, up to 16 rows), not only the cases where the dispatcher picks
-    it for speed."""
+    """Lets the streamed mat-vec take every decode it can run, for this
+    test (see cuda_compile.stream_everything)."""
+    from cuda_compile import stream_everything
+
     mqo._kernels.clear_plans()  # launches planned under the old rule
-    monkeypatch.setattr(mqo.affine, "_QMV_STREAM_BITS", BITS)
-    monkeypatch.setattr(mqo.affine, "_QMV_STREAM_MIN_K", 0)
-    monkeypatch.setattr(mqo.affine, "_QMV_STREAM_MAX_K", 1 << 30)
-    monkeypatch.setattr(mqo.affine, "_QMV_STREAM_MAX_ROWS", 16)
+    for name, value in stream_everything().items():
+        monkeypatch.setattr(mqo.affine, name, value)
 
 
 @pytest.mark.parametrize("dtype", (mx.float16, mx.bfloat16), ids=("f16", "bf16"))

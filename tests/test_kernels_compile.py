@@ -21,6 +21,7 @@ from cuda_compile import (
     group_by_definition,
     nvcc_path,
     record_launches,
+    stream_everything,
     translation_unit,
 )
 
@@ -127,13 +128,7 @@ def _streamed_decodes():
     # than the dispatcher gives it, and the tests run them all.
     outputs = []
     mqo._kernels.clear_plans()  # before and after: plans follow the rule
-    with mock.patch.multiple(
-        mqo.affine,
-        _QMV_STREAM_BITS=mqo.affine.AFFINE_BITS,
-        _QMV_STREAM_MIN_K=0,
-        _QMV_STREAM_MAX_K=1 << 30,
-        _QMV_STREAM_MAX_ROWS=16,
-    ):
+    with mock.patch.multiple(mqo.affine, **stream_everything()):
         for dtype in (mx.float16, mx.bfloat16):
             for bits in mqo.affine.AFFINE_BITS:
                 w_q, scales, biases = mqo.quantize(
