@@ -261,8 +261,10 @@ __device__ __forceinline__ void affine_load_x_unit(
 // range, so it adds nothing), and eight m16n8k16 steps add them times the
 // activations xw (affine_load_x_unit) into acc, one n8 tile j at a time.
 // Step s takes pairs 2s and 2s + 1 as the k-columns {2t, 2t + 1} and
-// {2t + 8, 2t + 9} of A, and the activations of the same pairs as B.
-template <typename T, int bits, int XT>
+// {2t + 8, 2t + 9} of A, and the activations of the same pairs as B. With
+// paired_x, xw already holds pair p's activations in word p (see
+// affine_stream.cuh), which saves a byte permute per B register.
+template <typename T, int bits, int XT, bool paired_x = false>
 __device__ __forceinline__ void affine_unit_mma(
     float (&acc)[XT][4],
     const uint32_t* lo,
@@ -291,8 +293,8 @@ __device__ __forceinline__ void affine_unit_mma(
     for (int j = 0; j < XT; ++j) {
       if (j == 0 || 8 * j < columns) {  // uniform across the warp
         uint32_t b[2];
-        b[0] = Pairs::x_pair(xw[j], 2 * s);
-        b[1] = Pairs::x_pair(xw[j], 2 * s + 1);
+        b[0] = paired_x ? xw[j][2 * s] : Pairs::x_pair(xw[j], 2 * s);
+        b[1] = paired_x ? xw[j][2 * s + 1] : Pairs::x_pair(xw[j], 2 * s + 1);
         Mma::mma(acc[j], a, b);
       }
     }

