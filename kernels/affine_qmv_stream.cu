@@ -29,11 +29,13 @@
 // With XS, the x rows are copied into shared memory once per block (after
 // the stages) and read from there: the copy engine's stage buffers leave
 // little room for L1, and x reads that miss it stall the consumers. The
-// consumers first rewrite the staged rows in pair order, so the inner loop
-// loads the mma's B registers without byte permutes.
+// consumers first put the staged rows in pair order (see below), so the
+// inner loop loads the mma's B registers without byte permutes.
 // Template: T, bits, group_size, XR (x rows, 1 to 16), KW, STAGES, KC (a
-// multiple of 8 * group_size), XS (0 or 1). Inputs: x [M, K], w [N, K * bits / 32],
-// scales, biases [N, K / group_size], params [N, K, M]. Output: out [M, N].
+// multiple of 8 * group_size), XS (0 or 1), XP (0 or 1: the host left room
+// for a second copy of the staged rows, in pair order). Inputs: x [M, K],
+// w [N, K * bits / 32], scales, biases [N, K / group_size], params
+// [N, K, M]. Output: out [M, N].
 constexpr int XT = (XR + 7) / 8;  // n8 tiles of x rows
 constexpr int ROWS = 16;  // weight rows per tile
 constexpr int COLS = 8 * XT;
@@ -54,6 +56,8 @@ __shared__ __align__(8) unsigned long long full[STAGES];
 __shared__ __align__(8) unsigned long long empty[STAGES];
 __shared__ __align__(8) unsigned long long x_full;
 T* const x_shared = reinterpret_cast<T*>(affine_stream_shared + STAGES * STAGE_BYTES);
+// With XP, the staged rows again in pair order (the consumers write them).
+uint32_t* const x_pairs = reinterpret_cast<uint32_t*>(x_shared + params[2] * params[1]);
 const int N = params[0];
 const int K = params[1];
 const int M = params[2];
@@ -169,15 +173,24 @@ if (warp == KW) {
 #pragma unroll
   for (int j = 0; j < XT; ++j) {
     const int col = 8 * j + g;
-    xp[j] = (XS ? x_shared : x) + static_cast<size_t>(col < M ? col : 0) * K;
+    const T* rows_at = XS ? (XP ? reinterpret_cast<const T*>(x_pairs) : x_shared) : x;
+    xp[j] = rows_at + static_cast<size_t>(col < M ? col : 0) * K;
   }
   if (XS) {
-    // Staged rows are rewritten in pair order, a unit per thread, before
-    // any consumer reads them (in-kernel timers on the H100: 14336x4096
-    // decodes 9% faster than with the byte permutes in the inner loop).
+    // The staged rows are put in pair order before any consumer reads
+    // them: copied beside them a word per thread where the host left room
+    // (XP), else rewritten in place a unit per thread. In-kernel timers on
+    // the H100 (14336x4096, one row): the byte permutes cost 7% of the
+    // kernel's time, and the rewrite in place wins back only half of it.
     affine_mbarrier_wait(&x_full, 0);
-    for (int u = threadIdx.x; u < M * (K / AFFINE_UNIT); u += 32 * KW) {
-      affine_stream_pair_x_unit<T, bits>(x_shared + u * AFFINE_UNIT);
+    if (XP) {
+      for (int e = threadIdx.x; e < M * K / 2; e += 32 * KW) {
+        x_pairs[e] = affine_stream_x_pair_word<T, bits>(x_shared, e);
+      }
+    } else {
+      for (int u = threadIdx.x; u < M * (K / AFFINE_UNIT); u += 32 * KW) {
+        affine_stream_pair_x_unit<T, bits>(x_shared + u * AFFINE_UNIT);
+      }
     }
     affine_warps_sync(1, 32 * KW);
   }

@@ -78,29 +78,33 @@ __device__ __forceinline__ void affine_warps_sync(int id, int threads) {
   asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
 
-// Rewrites one 32-value unit of an x row staged in shared memory (at `xs`,
-// 16-byte aligned) in place so that word p holds the activations of pair p
-// (AffinePairs::x_pair): the consumers then load the mma's B registers
-// as they are, without two byte permutes per step. Widths whose pairs are
-// neighbours (3, 5, 6 bits) are in that order already.
+// Staged x rows in pair order: word p of a unit holds the activations of
+// pair p (AffinePairs::x_pair), so the consumers load the mma's B
+// registers as they are, without two byte permutes per step. Widths whose
+// pairs are neighbours (3, 5, 6 bits) are in that order already.
+
+// Word `e` of x rows staged in shared memory (at `xs`) in pair order: pair
+// e % 16 of unit e / 16.
+template <typename T, int bits>
+__device__ __forceinline__ uint32_t affine_stream_x_pair_word(const T* xs, int e) {
+  typedef AffinePairs<bits> Pairs;
+  const int p = e % (AFFINE_UNIT / 2);
+  const T* unit = xs + (e / (AFFINE_UNIT / 2)) * AFFINE_UNIT;
+  const unsigned short* raw = reinterpret_cast<const unsigned short*>(unit);
+  return static_cast<uint32_t>(raw[Pairs::lo(p)]) |
+      (static_cast<uint32_t>(raw[Pairs::hi(p)]) << 16);
+}
+
+// The same in place: one unit (32 values at `xs`, 16-byte aligned), by one
+// thread, for when there is no room for a second copy.
 template <typename T, int bits>
 __device__ __forceinline__ void affine_stream_pair_x_unit(T* xs) {
-  typedef AffinePairs<bits> Pairs;
-  if constexpr (Pairs::whole_words) {
+  if constexpr (AffinePairs<bits>::whole_words) {
     uint4* v = reinterpret_cast<uint4*>(xs);
-    uint32_t words[16];
-#pragma unroll
-    for (int q = 0; q < 4; ++q) {
-      const uint4 w = v[q];
-      words[4 * q] = w.x;
-      words[4 * q + 1] = w.y;
-      words[4 * q + 2] = w.z;
-      words[4 * q + 3] = w.w;
-    }
     uint32_t pairs[16];
 #pragma unroll
     for (int p = 0; p < 16; ++p) {
-      pairs[p] = Pairs::x_pair(words, p);
+      pairs[p] = affine_stream_x_pair_word<T, bits>(xs, p);
     }
 #pragma unroll
     for (int q = 0; q < 4; ++q) {

@@ -229,6 +229,9 @@ def test_quantized_matmul_streamed_decode(path, monkeypatch, dtype, bits, group_
     # chunk and a shorter last one, N not a multiple of the 16-row tile,
     # and a grid of two blocks, so each block walks several tiles and
     # refills its stage buffers many times; one and two n8 tiles of x.
+    # A staged x row is put in pair order in a second copy where the stage
+    # buffers leave room for one, else in place: single rows at the
+    # shortest K that takes each way the row above did not cover both.
     _stream_everything(monkeypatch)
     monkeypatch.setattr(mqo.affine._backend, "gpu_multiprocessors", lambda: 1)
     chunk, _, _ = mqo.affine._qmv_stream_geometry(bits, group_size, dtype.size)
@@ -238,6 +241,26 @@ def test_quantized_matmul_streamed_decode(path, monkeypatch, dtype, bits, group_
     for m in (1, 11):
         x = _x((m, k), dtype, seed=m + bits)
         _check_matmul(x, w_q, scales, biases, True, group_size, bits, f"m={m}")
+
+    def layout(k):
+        return mqo.affine._qmv_stream_layout(
+            bits, group_size, dtype.size, k * dtype.size
+        )
+
+    _, _, staged, copied = layout(k)
+    for copy in {True, False} - ({copied} if staged else set()):
+        k = next(
+            (
+                k2
+                for k2 in range(8 * group_size, 16385, 8 * group_size)
+                if layout(k2)[2:] == (True, copy)
+            ),
+            None,
+        )
+        assert k is not None, f"no K stages x and has copy_pairs={copy}"
+        w_q, scales, biases = _weights((n, k), dtype, group_size, bits, kind, k)
+        x = _x((1, k), dtype, seed=bits)
+        _check_matmul(x, w_q, scales, biases, True, group_size, bits, f"k={k}")
 
 
 def _at_odd_offset(a: mx.array, offset: int) -> mx.array:
@@ -846,6 +869,11 @@ def test_dispatcher_picks_kernel_by_shape():
 
     assert picked(stream_qmm(1)) == [("affine_qmv_stream", 8)]
     assert picked(stream_qmm(1, k=8192)) == [("affine_qmv_stream", 8)]
+    # The staged row's pair-order copy fits beside the stages at K = 4096
+    # and not at 8192 (rewritten in place there).
+    for k, copied in ((4096, 1), (8192, 0)):
+        (launch,) = record_launches(stream_qmm(1, k=k))
+        assert (dict(launch.template)["XS"], dict(launch.template)["XP"]) == (1, copied)
     assert picked(stream_qmm(1), "sm_80") == [("affine_qmv_mma", 1)]
     assert picked(stream_qmm(2)) == [("affine_qmv_mma", 2)]
     assert picked(stream_qmm(1, k=8704)) == [("affine_qmv_mma", 1)]
