@@ -125,20 +125,23 @@ def exercise_affine():
 def _streamed_decodes():
     # The streamed mat-vec at every width in both half types, x staged in
     # shared memory (one row) and not (13 rows): the kernel runs more cases
-    # than the dispatcher gives it, and the tests run them all.
+    # than the dispatcher gives it, and the tests run them all. A staged
+    # row of K = 2048 gets its pair-order copy beside the stages (XP = 1);
+    # one of K = 8192 leaves no room and is rewritten in place (XP = 0).
     outputs = []
     mqo._kernels.clear_plans()  # before and after: plans follow the rule
     with mock.patch.multiple(mqo.affine, **stream_everything()):
         for dtype in (mx.float16, mx.bfloat16):
             for bits in mqo.affine.AFFINE_BITS:
-                w_q, scales, biases = mqo.quantize(
-                    mx.zeros((16, 2048), dtype), 64, bits
-                )
-                for rows in (1, 13):
-                    x = mx.zeros((rows, 2048), dtype)
-                    outputs.append(
-                        mqo.quantized_matmul(x, w_q, scales, biases, bits=bits)
+                for k, row_counts in ((2048, (1, 13)), (8192, (1,))):
+                    w_q, scales, biases = mqo.quantize(
+                        mx.zeros((16, k), dtype), 64, bits
                     )
+                    for rows in row_counts:
+                        x = mx.zeros((rows, k), dtype)
+                        outputs.append(
+                            mqo.quantized_matmul(x, w_q, scales, biases, bits=bits)
+                        )
     mqo._kernels.clear_plans()
     return outputs
 
