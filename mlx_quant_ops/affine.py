@@ -109,15 +109,18 @@ _QMV_STREAM_MAX_X_BYTES = 32 * 1024
 _QMV_STREAM_ARCHITECTURES = ("sm_90",)  # bulk copies and mbarrier tx counts
 # Where it wins on the H100 (same-process A/B, tenth session): one x row,
 # 4 bits, K from 4096 up to 8192 (x staged beside two 2 KB-a-row stages).
-# At K = 14336, at 5 and 8 bits and at 8 rows it tied or lost, so those
-# stay on the register-batch mat-vec; so do rows of K = 2048 (thirteenth
+# Once x was staged in pair order (fourteenth session) 2, 3, 5 and 6 bits
+# joined: 0.8-2.4 us ahead at 14336x4096, level to 0.6 ahead at 4096x4096
+# and 4096x8192 (fifteenth session). 8 bits still lost at 14336x4096 (0.8
+# us). At K = 14336 and at 8 rows it tied or lost, so those stay on the
+# register-batch mat-vec; so do rows of K = 2048 (thirteenth
 # session: 151936x2048 took 135 us a call there against 151 streamed,
 # 4096x2048 43 against 48, and no K = 2048 shape was ahead streamed by
 # more than 0.4 us).
 _QMV_STREAM_MAX_ROWS = 1
 _QMV_STREAM_MIN_K = 4096
 _QMV_STREAM_MAX_K = 8192
-_QMV_STREAM_BITS = (4,)
+_QMV_STREAM_BITS = (2, 3, 4, 5, 6)
 
 
 def _qmv_stream_geometry(
@@ -230,6 +233,15 @@ _QMV_MMA_MAX_ROWS = 16  # and the x rows a block row carries (two n8 tiles)
 # SMs short of warps (a bandwidth-bound kernel needs loads in flight).
 _QMV_MMA_FEW_BLOCKS = 1024
 _QMV_MMA_UNROLL = 2  # units per lane with loads in flight together
+# One x row, few blocks and long rows: a trip of one unit per lane with its
+# loads issued at once beat two-unit trips at every width but 4 bits (2-6
+# bits 0.4-1.3 us, 8 bits 0.5 us, 4096x14336, same-process A/B on the H100,
+# fifteenth session), and 8-bit group-32 rows gained another 1.1-1.5 us
+# from 16 warps (more loads in flight where a warp's trips are few).
+_QMV_MMA_LONG_K = 12288
+_QMV_MMA_SINGLE_UNROLL = 1
+_QMV_MMA_WIDE_WARPS = 16
+_QMV_MMA_WIDE_FORMATS = ((8, 32),)
 _QMM_TILE = (32, 64, 128)  # kernels/affine_qmm.metal (and _n): BM, BN, threads
 _MMA_TILE = (64, 128, 256)  # kernels/affine_qmm_mma.cu: BM, BN, threads
 # Its taller tile (BM = 128) halves the dequantization per output; it pays
@@ -764,10 +776,20 @@ def _qmv_max_rows(stream, dtype) -> int:
     return _QMV_MMA_MAX_ROWS if _tensor_cores(stream, dtype) else _QMV_MAX_ROWS
 
 
-def _qmv_mma_warps(blocks: int, k: int) -> int:
-    """Warps splitting K in a tensor-core mat-vec block: more when the
-    blocks alone would not fill the GPU and K is long enough to share."""
-    return 8 if blocks < _QMV_MMA_FEW_BLOCKS and k >= 64 * WORD_BITS else 4
+def _qmv_mma_shape(
+    blocks: int, k: int, x_rows: int, bits: int, group_size: int
+) -> Tuple[int, int]:
+    """``(KW, UNROLL)`` of the tensor-core mat-vec: warps splitting K in a
+    block, more when the blocks alone would not fill the GPU and K is long
+    enough to share; and units per lane whose loads are in flight together
+    (see _QMV_MMA_LONG_K for where one x row takes other values)."""
+    few = blocks < _QMV_MMA_FEW_BLOCKS
+    warps = 8 if few and k >= 64 * WORD_BITS else 4
+    if x_rows > 1 or not few or k < _QMV_MMA_LONG_K or bits == 4:
+        return warps, _QMV_MMA_UNROLL
+    if (bits, group_size) in _QMV_MMA_WIDE_FORMATS:
+        warps = _QMV_MMA_WIDE_WARPS
+    return warps, _QMV_MMA_SINGLE_UNROLL
 
 
 def _qmv_launcher(
@@ -804,8 +826,8 @@ def _qmv_launcher(
     if _tensor_cores(stream, dtype):
         spec, columns = _QMV_MMA, _QMV_MMA_ROWS
         blocks = -(-n // columns) * n_tiles
-        warps = _qmv_mma_warps(blocks, k)
-        template += [("KW", warps), ("UNROLL", _QMV_MMA_UNROLL)]
+        warps, unroll = _qmv_mma_shape(blocks, k, x_rows, bits, group_size)
+        template += [("KW", warps), ("UNROLL", unroll)]
         threads = warps * _SIMD
     else:
         spec = _QMV

@@ -138,7 +138,12 @@ def test_quantize_all_negative_and_sliced_inputs(path):
 # ---- quantized_matmul --------------------------------------------------------
 
 
-def _check_matmul(x, w_q, scales, biases, transpose, group_size, bits, what):
+def _check_matmul(
+    x, w_q, scales, biases, transpose, group_size, bits, what, against_mx=True
+):
+    """Our product against a float64 one and (unless ``against_mx`` is
+    False: MLX's CPU sums rows of ten thousand bfloat16 values in bfloat16,
+    10% off on bias-heavy rows) against ``mx.quantized_matmul``."""
     out = mqo.quantized_matmul(x, w_q, scales, biases, transpose, group_size, bits)
     expected = mx.quantized_matmul(
         x, w_q, scales, biases, transpose, group_size, bits, stream=CPU
@@ -151,6 +156,8 @@ def _check_matmul(x, w_q, scales, biases, transpose, group_size, bits, what):
     exact = _np(x).astype(np.float64) @ dense
     tol = TOLERANCE[out.dtype]
     assert rel_error(_np(out), exact) <= tol, f"{what}: vs float64"
+    if not against_mx:
+        return out
     # MLX's own result carries its own rounding (bf16 sums on the CPU).
     mx_error = rel_error(_np(expected), exact)
     assert rel_error(_np(out), _np(expected)) <= tol + mx_error, f"{what}: vs mx"
@@ -202,12 +209,17 @@ def test_quantized_matmul_decode_bits(path, dtype, bits, group_size):
     # tensor-core mat-vec, which pairs codes differently per width): N not
     # a multiple of its 16-row tile, K an odd number of 32-value units so
     # the split over warps and lanes is uneven, one and two n8 tiles of x.
-    n, k = 37, 11 * group_size
+    # One row of K past _QMV_MMA_LONG_K takes one-unit trips (and 16 warps
+    # for 8-bit group-32 codes), again with an uneven split.
     kind = KINDS[bits % len(KINDS)]
-    w_q, scales, biases = _weights((n, k), dtype, group_size, bits, kind, bits)
-    for m in (1, 13):
-        x = _x((m, k), dtype, seed=m + bits)
-        _check_matmul(x, w_q, scales, biases, True, group_size, bits, f"m={m}")
+    n = 37
+    for k, rows in ((11 * group_size, (1, 13)), (97 * 128, (1,))):
+        w_q, scales, biases = _weights((n, k), dtype, group_size, bits, kind, bits)
+        for m in rows:
+            x = _x((m, k), dtype, seed=m + bits)
+            what = f"m={m} k={k}"
+            short = k < 2048
+            _check_matmul(x, w_q, scales, biases, True, group_size, bits, what, short)
 
 
 def _stream_everything(monkeypatch):
@@ -858,17 +870,37 @@ def test_dispatcher_picks_kernel_by_shape():
     assert picked(qmm(8)) == [("affine_qmv_mma", 8)]
     assert picked(qmm(16)) == [("affine_qmv_mma", 16)]
 
-    # One 4-bit row with K a multiple of 8 groups, from 4096 to 8192,
-    # streams through shared memory on Hopper; more rows, shorter or
-    # longer K and other widths stay on the register-batch mat-vec (where
-    # each was faster).
-    def stream_qmm(m, k=4096, bits=4):
-        packed = _packed((300, k), bits, 64, mx.float16)
+    # One row of 2 to 6 bits with K a multiple of 8 groups, from 4096 to
+    # 8192, streams through shared memory on Hopper; more rows, shorter or
+    # longer K and 8 bits stay on the register-batch mat-vec (where each
+    # was faster).
+    def stream_qmm(m, k=4096, bits=4, group_size=64):
+        packed = _packed((300, k), bits, group_size, mx.float16)
         x = mx.zeros((m, k), mx.float16)
-        return lambda: mqo.quantized_matmul(x, *packed, bits=bits)
+        return lambda: mqo.quantized_matmul(
+            x, *packed, group_size=group_size, bits=bits
+        )
 
     assert picked(stream_qmm(1)) == [("affine_qmv_stream", 8)]
     assert picked(stream_qmm(1, k=8192)) == [("affine_qmv_stream", 8)]
+    for bits in (2, 3, 5, 6):
+        assert picked(stream_qmm(1, bits=bits)) == [("affine_qmv_stream", 8)]
+
+    # The register-batch mat-vec's warps and trip length: 8 warps and
+    # two-unit trips for a few blocks, one-unit trips for one row of K past
+    # 12288 at widths other than 4 bits, 16 warps for 8-bit group 32 there.
+    def warps_unroll(m, k, bits, group_size=64):
+        (launch,) = record_launches(stream_qmm(m, k, bits, group_size))
+        assert launch.kernel.name == "affine_qmv_mma"
+        return dict(launch.template)["KW"], dict(launch.template)["UNROLL"]
+
+    assert warps_unroll(1, 14336, 4) == (8, 2)
+    assert warps_unroll(1, 14336, 5) == (8, 1)
+    assert warps_unroll(1, 14336, 8) == (8, 1)
+    assert warps_unroll(1, 14336, 8, group_size=32) == (16, 1)
+    assert warps_unroll(8, 14336, 8, group_size=32) == (8, 2)
+    assert warps_unroll(1, 4096, 8, group_size=32) == (8, 2)
+    assert warps_unroll(1, 1024, 8, group_size=32) == (4, 2)
     # The staged row's pair-order copy fits beside the stages at K = 4096
     # and not at 8192 (rewritten in place there).
     for k, copied in ((4096, 1), (8192, 0)):

@@ -119,6 +119,12 @@ def exercise_affine():
     outputs.append(
         mqo.quantized_matmul(mx.zeros((1, 4160), mx.float16), w_q, scales, biases)
     )
+    # One row of K past 12288 takes one-unit trips, and 16 warps for 8-bit
+    # group-32 codes.
+    for bits, group_size in ((5, 64), (8, 32)):
+        packed = mqo.quantize(mx.zeros((16, 12416), mx.float16), group_size, bits)
+        x = mx.zeros((1, 12416), mx.float16)
+        outputs.append(mqo.quantized_matmul(x, *packed, True, group_size, bits))
     return outputs
 
 
