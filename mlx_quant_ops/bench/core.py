@@ -16,6 +16,15 @@ from typing import Callable, List, Optional
 import mlx.core as mx
 
 WEIGHT_SETS = 6
+# Calls in one timed mx.eval, at most. Past about ten of MLX's CUDA graphs
+# in flight (some 300 calls of a 4096-wide decode) MLX's runtime leaves
+# the GPU idle between kernels: in-kernel timers on the H100 showed a
+# 14.4 us kernel timed at 25-28 us a call at 1024 calls and 15-17 at 256,
+# and every op faster than about 25 us a call landed near 25-28 at 1024
+# calls whatever its kernel took, while slower ops (MLX's own decode at
+# 33 us) did not move (docs/benchmarks.md, fourteenth and fifteenth
+# sessions). 256 calls still rotate the weight sets 42 times.
+MAX_CALLS = 256
 
 #: One call of an op on weight set ``i`` (0 <= i < WEIGHT_SETS).
 Op = Callable[[int], mx.array]
@@ -60,9 +69,9 @@ def time_op(op: Op, repeats: int = 7, target_seconds: float = 0.02) -> float:
         start = time.perf_counter()
         mx.eval(outputs)
         elapsed = time.perf_counter() - start
-        if elapsed >= target_seconds or calls >= 4096:
+        if elapsed >= target_seconds or calls >= MAX_CALLS:
             break
-        calls *= 2
+        calls = min(2 * calls, MAX_CALLS)
     samples = []
     for _ in range(repeats):
         outputs = [op(i % WEIGHT_SETS) for i in range(calls)]
