@@ -57,7 +57,8 @@ def time_op(op: Op, repeats: int = 7, target_seconds: float = 0.02) -> float:
     Args:
         op: builds one call's output for a weight-set index.
         repeats: timed repeats; the median is reported.
-        target_seconds: roughly how long one repeat should run.
+        target_seconds: roughly how long one repeat should run, within
+            :data:`MAX_CALLS` calls.
 
     Returns:
         float: microseconds per call.
