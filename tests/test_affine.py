@@ -213,13 +213,16 @@ def test_quantized_matmul_decode_bits(path, dtype, bits, group_size):
     # for 8-bit group-32 codes), again with an uneven split.
     kind = KINDS[bits % len(KINDS)]
     n = 37
-    for k, rows in ((11 * group_size, (1, 13)), (97 * 128, (1,))):
+    long_k = (mqo.affine._QMV_MMA_LONG_K // 128 + 1) * 128  # whole groups of 128
+    for k, rows in ((11 * group_size, (1, 13)), (long_k, (1,))):
         w_q, scales, biases = _weights((n, k), dtype, group_size, bits, kind, bits)
         for m in rows:
             x = _x((m, k), dtype, seed=m + bits)
             what = f"m={m} k={k}"
-            short = k < 2048
-            _check_matmul(x, w_q, scales, biases, True, group_size, bits, what, short)
+            against_mx = k < long_k  # see _check_matmul
+            _check_matmul(
+                x, w_q, scales, biases, True, group_size, bits, what, against_mx
+            )
 
 
 def _stream_everything(monkeypatch):

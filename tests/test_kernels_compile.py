@@ -121,9 +121,10 @@ def exercise_affine():
     )
     # One row of K past 12288 takes one-unit trips, and 16 warps for 8-bit
     # group-32 codes.
+    long_k = (mqo.affine._QMV_MMA_LONG_K // 128 + 1) * 128
     for bits, group_size in ((5, 64), (8, 32)):
-        packed = mqo.quantize(mx.zeros((16, 12416), mx.float16), group_size, bits)
-        x = mx.zeros((1, 12416), mx.float16)
+        packed = mqo.quantize(mx.zeros((16, long_k), mx.float16), group_size, bits)
+        x = mx.zeros((1, long_k), mx.float16)
         outputs.append(mqo.quantized_matmul(x, *packed, True, group_size, bits))
     return outputs
 
