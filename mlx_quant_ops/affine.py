@@ -112,8 +112,9 @@ _QMV_STREAM_ARCHITECTURES = ("sm_90",)  # bulk copies and mbarrier tx counts
 # Once x was staged in pair order (fourteenth session) 2, 3, 5 and 6 bits
 # joined: 0.6-2.4 us ahead at 14336x4096, level to 0.8 ahead at 4096x8192
 # and level at 4096x4096 except 3 bits, 0.8 us behind there (fifteenth
-# session). 8 bits still lost at 14336x4096 (0.8 us). At K = 14336 and at 8 rows it tied or lost, so those stay on the
-# register-batch mat-vec; so do rows of K = 2048 (thirteenth
+# session). 8 bits still lost at 14336x4096 (0.8 us). At K = 14336 and at
+# 8 rows it tied or lost, so those stay on the register-batch mat-vec; so
+# do rows of K = 2048 (thirteenth
 # session: 151936x2048 took 135 us a call there against 151 streamed,
 # 4096x2048 43 against 48, and no K = 2048 shape was ahead streamed by
 # more than 0.4 us).
