@@ -621,8 +621,19 @@ def _plan_dequantize(
     _check_packed(op, w, scales, biases, group_size, bits)
     natural = _result_dtype(scales.dtype, biases.dtype)
     dtype = natural if dtype is None else check.float_dtype(op, "dtype", dtype)
+    return _differentiable_dequantize(group_size, bits, dtype, StreamKey(stream))
 
-    def run(w, scales, biases):
+
+@functools.lru_cache(maxsize=256)  # one per option set, not per call
+def _differentiable_dequantize(group_size, bits, dtype, stream_key):
+    """``dequantize`` on fixed options as an ``mx.custom_function`` of
+    ``(w, scales, biases)``: differentiable with respect to the scales and
+    biases, as ``mx.dequantize`` is (DWQ trains a quantized embedding's
+    through its lookups)."""
+    stream = stream_key.stream
+
+    @mx.custom_function
+    def dq(w, scales, biases):
         return dispatch(
             _dequantize_reference,
             _dequantize_kernel,
@@ -635,7 +646,16 @@ def _plan_dequantize(
             stream=stream,
         )
 
-    return run
+    @dq.vjp
+    def dq_vjp(primals, cotangents, outputs):
+        w, scales, biases = primals
+        d_values = _first(cotangents).astype(mx.float32)
+        d_scales, d_biases = _scale_bias_grads(
+            d_values, w, scales, biases, group_size, bits
+        )
+        return mx.zeros_like(w), d_scales, d_biases
+
+    return dq
 
 
 # ---- shared by the matmuls ----------------------------------------------------

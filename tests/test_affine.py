@@ -527,6 +527,27 @@ def test_quantized_matmul_gradients(path, transpose, bits):
         assert abs(grad[index].item() - fd) <= 2e-3 * max(1.0, abs(fd)), f"arg {i}"
 
 
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("bits,group_size", ((4, 64), (3, 32), (8, 128)))
+def test_dequantize_gradients(path, dtype, bits, group_size):
+    """d(scales) and d(biases) of a dequantization, as mx.grad gives them for
+    mx.dequantize (a quantized embedding's lookups train them in DWQ)."""
+    w_q, scales, biases = _weights((2, 5, 256), dtype, group_size, bits)
+    cot = _x((2, 5, 256), mx.float32, seed=9)
+
+    def loss(fn):
+        return lambda s, b: (
+            fn(w_q, s, b, group_size, bits).astype(mx.float32) * cot
+        ).sum()
+
+    ours = mx.grad(loss(mqo.dequantize), (0, 1))(scales, biases)
+    with mx.stream(CPU):
+        theirs = mx.grad(loss(mx.dequantize), (0, 1))(scales, biases)
+    for name, a, b in zip(("scales", "biases"), ours, theirs):
+        assert a.shape == b.shape and a.dtype == b.dtype, name
+        assert rel_error(_np(a), _np(b)) <= TOLERANCE[dtype], f"d{name} vs mx.grad"
+
+
 @pytest.mark.parametrize("dtype", (mx.float32, mx.bfloat16), ids=("f32", "bf16"))
 def test_quantized_matmul_gradient_with_broadcast_batch(path, dtype):
     w_q, scales, biases = _weights((3, 16, 64), dtype, 64, 4)
