@@ -376,13 +376,7 @@ def plan_context(stream: StreamLike) -> tuple:
     runs on (by name: ``None`` follows ``mx.stream`` blocks), the path
     :func:`use_backend` forces, the testing switches, and how many times
     :func:`clear_plans` ran."""
-    return (
-        stream_name(stream),
-        override(),
-        _poison.get(),
-        CUDA_INCLUDES.get(),
-        _plan_generation,
-    )
+    return (stream_name(stream), *_switches())
 
 
 class LastCall:
@@ -405,7 +399,7 @@ class LastCall:
     :meth:`forget`, which keeps the identity check exact.
     """
 
-    __slots__ = ("_fixed", "_key", "_run")
+    __slots__ = ("_fixed", "_key", "_run", "_device", "_x", "_switches")
 
     def __init__(self):
         self.forget()
@@ -416,6 +410,43 @@ class LastCall:
         self._fixed = ()
         self._key = None
         self._run = None
+        # What :meth:`replay` checks; ``_device`` is None unless the kept
+        # call has one varying array and was compiled for the default stream.
+        self._device = None
+        self._x = self._switches = ()
+
+    def replay(self, x: mx.array, fixed: tuple) -> Optional[Callable]:
+        """The kept planned function, if it can run a layer's call whose one
+        varying array is ``x`` and whose other arguments (arrays, then
+        options) are ``fixed``, with nothing to build; else None (call the
+        LastCall then).
+
+        The fast path of a layer in a decode step, where each Python step
+        counts: ``x``'s shape and dtype, ``fixed`` by identity, the testing
+        and forcing switches by identity, and the default device. The
+        default stream is not compared: a plan for ``stream=None`` reads
+        it while ``mx.compile`` traces, and the compiled function traces
+        again on another default stream.
+
+        Args:
+            x: the call's varying array.
+            fixed: the rest of its arguments, as ``held`` then ``options``
+                in the LastCall's call.
+
+        Returns:
+            The function of the call's ``arrays``, or None.
+        """
+        if (
+            self._device is not None
+            and type(x) is mx.array
+            and (x.shape, x.dtype) == self._x
+            and len(fixed) == len(self._fixed)
+            and all(map(operator.is_, fixed, self._fixed))
+            and all(map(operator.is_, _switches(), self._switches))
+            and mx.default_device() == self._device
+        ):
+            return self._run
+        return None
 
     def __call__(
         self,
@@ -454,11 +485,20 @@ class LastCall:
         ):
             return self._run(*arrays)
         result, run = plans.call(make, stream, arrays, options)
-        if run is None:
-            self.forget()
-        else:
+        self.forget()
+        if run is not None:
             self._fixed, self._key, self._run = fixed, key, run
+            if stream is None and len(varying) == 1 and backend(None) != "reference":
+                self._device = mx.default_device()
+                self._x = (varying[0].shape, varying[0].dtype)
+                self._switches = _switches()
         return result
+
+
+def _switches() -> tuple:
+    """What :func:`plan_context` holds besides the stream, as the objects
+    themselves (for comparing by identity)."""
+    return (override(), _poison.get(), CUDA_INCLUDES.get(), _plan_generation)
 
 
 @contextlib.contextmanager

@@ -1200,6 +1200,9 @@ def _layer_quantized_matmul(
     """``quantized_matmul(x, w, scales, biases, transpose=True, ...)`` for a
     layer holding ``w``, ``scales`` and ``biases``, through the layer's
     ``last_call`` (see :class:`LastCall`)."""
+    run = last_call.replay(x, (w, scales, biases, True, group_size, bits, "affine"))
+    if run is not None:
+        return run(x, w, scales, biases)
     return last_call(
         _QUANTIZED_MATMUL_CALLS,
         _plan_quantized_matmul,

@@ -110,7 +110,7 @@ def _matmul_by_table(layer: nn.Module, x: mx.array) -> mx.array:
     table ``W`` (a linear layer's weight, or an embedding used as the output
     projection)."""
     return affine._layer_quantized_matmul(
-        layer._planned_calls(),
+        layer._last_call or layer._planned_calls(),
         x,
         layer["weight"],
         layer["scales"],
