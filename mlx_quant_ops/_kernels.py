@@ -423,10 +423,11 @@ class LastCall:
 
         The fast path of a layer in a decode step, where each Python step
         counts: ``x``'s shape and dtype, ``fixed`` by identity, the testing
-        and forcing switches by identity, and the default device. The
-        default stream is not compared: a plan for ``stream=None`` reads
-        it while ``mx.compile`` traces, and the compiled function traces
-        again on another default stream.
+        and forcing switches by identity, and the default device (a CPU
+        call must take the reference path uncompiled, as the CallPlans
+        run it). The default stream is not compared: a plan for
+        ``stream=None`` reads it while ``mx.compile`` traces, and the
+        compiled function traces again on another default stream.
 
         Args:
             x: the call's varying array.

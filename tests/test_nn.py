@@ -267,12 +267,23 @@ def test_forwards_run_our_ops(monkeypatch):
     assert flags == [False, True]  # mlx-lm's sorted-experts hint passes on
 
 
-def test_layer_calls_replay_their_last_plan(monkeypatch):
+@pytest.mark.parametrize(
+    "device",
+    [pytest.param("cpu"), pytest.param("gpu", marks=pytest.mark.gpu)],
+)
+def test_layer_calls_replay_their_last_plan(monkeypatch, device):
     """A layer called again with the same weight arrays and input shape
     replays its last planned call without going back to the op's
     CallPlans. New arrays (assigned, updated, or swapped in behind the
     layer's back), a new shape, a forced path or a bad option go back
-    there, and every result is the product of the layer's current arrays."""
+    there, and every result is the product of the layer's current arrays.
+    (On the GPU a layer replays through ``LastCall.replay``, on the CPU
+    through the full check.)"""
+    with mx.stream(mx.cpu if device == "cpu" else mx.gpu):
+        check_layer_replay(monkeypatch)
+
+
+def check_layer_replay(monkeypatch):
     visits = []
     call = CallPlans.call
 
