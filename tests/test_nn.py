@@ -29,6 +29,11 @@ from mlx_quant_ops._kernels import CallPlans, clear_plans
 TOL = {mx.float32: 1e-5, mx.float16: 5e-3, mx.bfloat16: 5e-3}
 DTYPES = [mx.float32, mx.float16, mx.bfloat16]
 GROUP_SIZES = [32, 64, 128]
+# The devices a test runs its layers on (the GPU where MLX has a backend).
+DEVICES = [
+    pytest.param(mx.cpu, id="cpu"),
+    pytest.param(mx.gpu, id="gpu", marks=pytest.mark.gpu),
+]
 
 
 def sample(shape, dist, dtype=mx.float32):
@@ -267,10 +272,7 @@ def test_forwards_run_our_ops(monkeypatch):
     assert flags == [False, True]  # mlx-lm's sorted-experts hint passes on
 
 
-@pytest.mark.parametrize(
-    "device",
-    [pytest.param("cpu"), pytest.param("gpu", marks=pytest.mark.gpu)],
-)
+@pytest.mark.parametrize("device", DEVICES)
 def test_layer_calls_replay_their_last_plan(monkeypatch, device):
     """A layer called again with the same weight arrays and input shape
     replays its last planned call without going back to the op's
@@ -279,7 +281,7 @@ def test_layer_calls_replay_their_last_plan(monkeypatch, device):
     there, and every result is the product of the layer's current arrays.
     (On the GPU a layer replays through ``LastCall.replay``, on the CPU
     through the full check.)"""
-    with mx.stream(mx.cpu if device == "cpu" else mx.gpu):
+    with mx.stream(device):
         check_layer_replay(monkeypatch)
 
 
@@ -338,10 +340,7 @@ def check_layer_replay(monkeypatch):
         sw(xs, experts, sorted_indices=1)
 
 
-@pytest.mark.parametrize(
-    "device",
-    [pytest.param("cpu"), pytest.param("gpu", marks=pytest.mark.gpu)],
-)
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kind", ["linear", "embedding", "switch"])
 def test_freezing_and_gradients_match_mlx(kind, device):
     """DWQ's recipe: unfreeze scales and biases, differentiate through the
@@ -377,12 +376,12 @@ def test_freezing_and_gradients_match_mlx(kind, device):
         with mx.stream(stream):
             return dict(tree_flatten(nn.value_and_grad(m, loss)()[1]))
 
-    ours_g = grads(ours, mx.cpu if device == "cpu" else mx.gpu)
+    ours_g = grads(ours, device)
     theirs_g = grads(theirs, mx.cpu)
     assert ours_g.keys() == theirs_g.keys()
     # The scales' gradient is a float32 matmul of the cotangent and x, which
     # MLX's CUDA backend may round to TF32 (about 1e-4 relative per product).
-    bound = 1e-4 if device == "cpu" else 1e-3
+    bound = 1e-4 if device == mx.cpu else 1e-3
     for k in ours_g:
         assert rel_err(ours_g[k], f64(theirs_g[k])) <= bound, k
 
@@ -682,10 +681,7 @@ def test_patched_model_generates_same_tokens_gpu(arch, bits, group_size):
     check_patched_model_generates_same(arch, bits, group_size, stream)
 
 
-@pytest.mark.parametrize(
-    "device",
-    [pytest.param("cpu"), pytest.param("gpu", marks=pytest.mark.gpu)],
-)
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("arch", ["llama", "qwen3_moe"])
 def test_patched_model_compiles(arch, device):
     """DESIGN.md: the ops build into MLX graphs, mx.compile included (so MoE
@@ -694,7 +690,7 @@ def test_patched_model_compiles(arch, device):
     model = random_model(arch)
     mqo.nn.quantize(model, 64, 4)
     prompt = ((mx.arange(24) * 13) % VOCAB)[None]
-    with mx.stream(mx.cpu if device == "cpu" else mx.gpu):
+    with mx.stream(device):
         expected = model(prompt)
         compiled = mx.compile(lambda tokens: model(tokens))(prompt)
         mx.eval(expected, compiled)
