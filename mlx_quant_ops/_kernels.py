@@ -399,7 +399,7 @@ class LastCall:
     :meth:`forget`, which keeps the identity check exact.
     """
 
-    __slots__ = ("_fixed", "_key", "_run", "_device", "_x", "_switches")
+    __slots__ = ("_fixed", "_key", "_run", "_device", "_x", "_more", "_switches")
 
     def __init__(self):
         self.forget()
@@ -411,39 +411,52 @@ class LastCall:
         self._key = None
         self._run = None
         # What :meth:`replay` checks; ``_device`` is None unless the kept
-        # call has one varying array and was compiled for the default stream.
+        # call was compiled for the default stream.
         self._device = None
-        self._x = self._switches = ()
+        self._x, self._more, self._switches = [], [], ()
 
-    def replay(self, x: mx.array, fixed: tuple) -> Optional[Callable]:
-        """The kept planned function, if it can run a layer's call whose one
-        varying array is ``x`` and whose other arguments (arrays, then
-        options) are ``fixed``, with nothing to build; else None (call the
-        LastCall then).
+    def replay(self, fixed: tuple, x: mx.array, *more: mx.array) -> Optional[Callable]:
+        """The kept planned function, if it can run a layer's call whose
+        varying arrays are ``x`` and ``more`` and whose other arguments
+        (arrays, then options) are ``fixed``, with nothing to build; else
+        None (call the LastCall then).
 
         The fast path of a layer in a decode step, where each Python step
-        counts: ``x``'s shape and dtype, ``fixed`` by identity, the testing
-        and forcing switches by identity, and the default device (a CPU
-        call must take the reference path uncompiled, as the CallPlans
-        run it). The default stream is not compared: a plan for
+        counts (on the H100's host, the checks cost more than MLX's whole
+        built-in op): the varying arrays' shapes and dtypes, ``fixed`` by
+        identity, the testing and forcing switches, and the default device
+        (a CPU call must take the reference path uncompiled, as the
+        CallPlans run it). The default stream is not compared: a plan for
         ``stream=None`` reads it while ``mx.compile`` traces, and the
         compiled function traces again on another default stream.
 
         Args:
-            x: the call's varying array.
-            fixed: the rest of its arguments, as ``held`` then ``options``
-                in the LastCall's call.
+            fixed: the call's arguments other than the varying arrays, as
+                ``held`` then ``options`` in the LastCall's call.
+            x: the call's first varying array (the activations).
+            more: the other varying arrays (an MoE layer's expert indices),
+                in the order the LastCall's call gave them.
 
         Returns:
             The function of the call's ``arrays``, or None.
         """
+        if self._device is None or type(x) is not mx.array:
+            return None
+        if more or self._more:
+            seen = []  # flat (shape, dtype, shape, dtype, ...)
+            for a in more:
+                if type(a) is not mx.array:
+                    return None
+                seen += (a.shape, a.dtype)
+            if seen != self._more:
+                return None
         if (
-            self._device is not None
-            and type(x) is mx.array
-            and (x.shape, x.dtype) == self._x
+            [x.shape, x.dtype] == self._x
             and len(fixed) == len(self._fixed)
             and all(map(operator.is_, fixed, self._fixed))
-            and all(map(operator.is_, _switches(), self._switches))
+            # Equality, not identity: the switches hold no arrays, and
+            # comparing two tuples stops at the first identical pair.
+            and _switches() == self._switches
             and mx.default_device() == self._device
         ):
             return self._run
@@ -489,9 +502,10 @@ class LastCall:
         self.forget()
         if run is not None:
             self._fixed, self._key, self._run = fixed, key, run
-            if stream is None and len(varying) == 1 and backend(None) != "reference":
+            if stream is None and backend(None) != "reference":
                 self._device = mx.default_device()
-                self._x = (varying[0].shape, varying[0].dtype)
+                self._x = [varying[0].shape, varying[0].dtype]
+                self._more = [v for a in varying[1:] for v in (a.shape, a.dtype)]
                 self._switches = _switches()
         return result
 

@@ -1200,7 +1200,7 @@ def _layer_quantized_matmul(
     """``quantized_matmul(x, w, scales, biases, transpose=True, ...)`` for a
     layer holding ``w``, ``scales`` and ``biases``, through the layer's
     ``last_call`` (see :class:`LastCall`)."""
-    run = last_call.replay(x, (w, scales, biases, True, group_size, bits, "affine"))
+    run = last_call.replay((w, scales, biases, True, group_size, bits, "affine"), x)
     if run is not None:
         return run(x, w, scales, biases)
     return last_call(
@@ -1545,12 +1545,16 @@ def _layer_gather_qmm(
     """``gather_qmm(x, w, scales, biases, rhs_indices=indices,
     transpose=True, ...)`` for a layer holding ``w``, ``scales`` and
     ``biases``, through the layer's ``last_call`` (see :class:`LastCall`)."""
+    options = (True, group_size, bits, "affine", None, sorted_indices)
+    run = last_call.replay((w, scales, biases, *options), x, indices)
+    if run is not None:
+        return run(x, w, scales, biases, None, indices)
     return last_call(
         _GATHER_QMM_CALLS,
         _plan_gather_qmm,
         None,
         (x, w, scales, biases, None, indices),
-        (True, group_size, bits, "affine", None, sorted_indices),
+        options,
         (x, indices),
         (w, scales, biases),
     )

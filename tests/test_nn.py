@@ -338,6 +338,24 @@ def check_layer_replay(monkeypatch):
     sw(xs, experts, sorted_indices=True)
     with pytest.raises(TypeError, match="sorted_indices"):
         sw(xs, experts, sorted_indices=1)
+    # An MoE layer's call varies in two arrays, the input and the experts:
+    # new values of both replay, a new shape or dtype of either does not.
+    visits.clear()
+
+    def check_switch(xs, experts):
+        y = sw(xs, experts)
+        exact = switch_oracle(xs, dequantized_f64(sw), experts, sw.bias)
+        assert rel_err(y, exact) <= TOL[mx.float32]
+
+    tokens = sample((3, 1, 1, 128), "normal"), sample((3, 1, 1, 128), "uniform")
+    picks = mx.array([[1, 2], [0, 3], [2, 2]]), mx.array([[3, 0], [1, 1], [0, 2]])
+    check_switch(tokens[0], picks[0])
+    check_switch(tokens[1], picks[1])
+    assert len(visits) == 1
+    check_switch(tokens[1], picks[1].astype(mx.uint32))
+    check_switch(tokens[1], picks[1][:, :1])
+    check_switch(tokens[1][:2], picks[1][:2])
+    assert len(visits) == 4
 
 
 @pytest.mark.parametrize("device", DEVICES)
