@@ -511,8 +511,9 @@ class LastCall:
 
 
 def _switches() -> tuple:
-    """What :func:`plan_context` holds besides the stream, as the objects
-    themselves (for comparing by identity)."""
+    """What :func:`plan_context` holds besides the stream: the forced path,
+    the testing switches and the plan generation (none of them arrays, so
+    tuples of them compare by equality)."""
     return (override(), _poison.get(), CUDA_INCLUDES.get(), _plan_generation)
 
 
