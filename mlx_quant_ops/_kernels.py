@@ -462,6 +462,27 @@ class LastCall:
             return self._run
         return None
 
+    def swap(self, run: Callable) -> bool:
+        """Replay ``run`` instead of the kept planned function, for as long
+        as :meth:`replay` would have replayed that one (same shapes, held
+        arrays, options, switches and device).
+
+        For a caller that, once the op has checked and planned a call,
+        hands calls of that kind to another function computing the same
+        product (a layer's small decodes to MLX's built-in).
+
+        Args:
+            run: takes the call's ``arrays`` as the planned function does.
+
+        Returns:
+            bool: False, and nothing kept, where the last call is not kept
+            for :meth:`replay` (an explicit stream, the reference path).
+        """
+        if self._device is None:
+            return False
+        self._run = run
+        return True
+
     def __call__(
         self,
         plans: CallPlans,

@@ -32,7 +32,7 @@ import numpy as np
 
 from . import _backend
 from . import _validate as check
-from ._backend import StreamKey, StreamLike, backend, dispatch
+from ._backend import StreamKey, StreamLike, backend, dispatch, override
 from ._kernels import (
     CallPlans,
     KernelSpec,
@@ -1194,16 +1194,72 @@ def quantized_matmul(
 _QUANTIZED_MATMUL_CALLS = CallPlans()
 
 
+# Decode calls of mlx_quant_ops.nn's linear layers that MLX's built-in
+# finishes first on CUDA: at most this many rows of x, and a weight of
+# fewer values than LAYER_BUILTIN_DECODE_BELOW gives for its width (none
+# for widths not listed). There a whole call is host-bound: our kernel is
+# two graph nodes (the kernel and its custom_function) and a compiled
+# replay, MLX's op one node, and that costs more than the GPU time our
+# kernel saves. Chains of dependent layer calls, one row, f16, H200,
+# 2026-12-04 (ours / MLX): 4 bits 1.49 at 2048x2048, 0.90-1.07 at
+# 4096x4096, 0.73-0.79 at 8192x4096; 2, 3 and 6 bits 1.13-1.16 at
+# 4096x4096, 0.88-0.91 at 8192x4096; 5 and 8 bits 1.06-1.07 at
+# 14336x4096, 0.86-0.96 at 32768x4096 (docs/benchmarks.md). Group sizes 32
+# and 128 moved 4-bit ratios by at most 0.05. The public ops never hand
+# over: they are this package's kernels, which the benchmark times.
+LAYER_BUILTIN_DECODE_ROWS = 8
+LAYER_BUILTIN_DECODE_BELOW = {
+    2: 1 << 25,
+    3: 1 << 25,
+    4: 1 << 24,
+    5: 1 << 26,
+    6: 1 << 25,
+    8: 1 << 26,
+}
+
+
+def layer_decode_on_builtin(x: mx.array, w: mx.array, bits: int) -> bool:
+    """Whether a linear layer's call on the default stream hands ``x @
+    W.T`` to ``mx.quantized_matmul`` (:data:`LAYER_BUILTIN_DECODE_BELOW`):
+    on the CUDA path, unless a path is forced with :func:`use_backend`,
+    for a decode-sized ``x`` and a small ``w``.
+
+    Args:
+        x (mlx.core.array): the layer's input, ``[..., K]``.
+        w (mlx.core.array): the layer's packed weight, ``[N, K * bits / 32]``.
+        bits (int): the weight's bits per value.
+
+    Returns:
+        bool: True where MLX's built-in takes the call.
+    """
+    return (
+        override() is None
+        and backend(None) == "cuda"
+        and x.size <= LAYER_BUILTIN_DECODE_ROWS * x.shape[-1]
+        and w.size * WORD_BITS // bits < LAYER_BUILTIN_DECODE_BELOW.get(bits, 0)
+    )
+
+
+@functools.lru_cache(maxsize=None)
+def _builtin_layer_matmul(group_size: int, bits: int):
+    def run(x, w, scales, biases):
+        return mx.quantized_matmul(x, w, scales, biases, True, group_size, bits)
+
+    return run
+
+
 def _layer_quantized_matmul(
     last_call: LastCall, x, w, scales, biases, group_size, bits
 ) -> mx.array:
     """``quantized_matmul(x, w, scales, biases, transpose=True, ...)`` for a
     layer holding ``w``, ``scales`` and ``biases``, through the layer's
-    ``last_call`` (see :class:`LastCall`)."""
+    ``last_call`` (see :class:`LastCall`). Checked and planned as the op
+    is, then run by ``mx.quantized_matmul`` where
+    :func:`layer_decode_on_builtin` says so."""
     run = last_call.replay((w, scales, biases, True, group_size, bits, "affine"), x)
     if run is not None:
         return run(x, w, scales, biases)
-    return last_call(
+    y = last_call(
         _QUANTIZED_MATMUL_CALLS,
         _plan_quantized_matmul,
         None,
@@ -1212,6 +1268,11 @@ def _layer_quantized_matmul(
         (x,),
         (w, scales, biases),
     )
+    if layer_decode_on_builtin(x, w, bits):
+        run = _builtin_layer_matmul(group_size, bits)
+        if last_call.swap(run):
+            return run(x, w, scales, biases)
+    return y
 
 
 def _plan_quantized_matmul(

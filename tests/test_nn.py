@@ -6,7 +6,9 @@ state, gradients), a float64 numpy product of the weight as ``mx.dequantize``
 reads it, and the greedy tokens an unpatched mlx-lm model generates.
 """
 
+import io
 import os
+import re
 import subprocess
 import sys
 
@@ -34,6 +36,22 @@ DEVICES = [
     pytest.param(mx.cpu, id="cpu"),
     pytest.param(mx.gpu, id="gpu", marks=pytest.mark.gpu),
 ]
+
+
+# The measured hand-over of small decodes to MLX's built-in (CUDA only).
+MEASURED_BUILTIN_DECODE_BELOW = dict(affine.LAYER_BUILTIN_DECODE_BELOW)
+
+
+@pytest.fixture(autouse=True)
+def layers_on_our_kernels(monkeypatch):
+    """Layers here run this package's kernels on every path, so the GPU
+    tests test them: the hand-over of small decodes to MLX's built-in
+    (``affine.LAYER_BUILTIN_DECODE_BELOW``) has its own test, which turns
+    it back on."""
+    monkeypatch.setattr(affine, "LAYER_BUILTIN_DECODE_BELOW", {})
+    clear_plans()  # nothing kept from another test's rules replays here
+    yield
+    clear_plans()
 
 
 def sample(shape, dist, dtype=mx.float32):
@@ -356,6 +374,99 @@ def check_layer_replay(monkeypatch):
     check_switch(tokens[1], picks[1][:, :1])
     check_switch(tokens[1][:2], picks[1][:2])
     assert len(visits) == 4
+
+
+def test_builtin_decode_rule(monkeypatch):
+    """Which layer calls ``layer_decode_on_builtin`` hands to MLX: on the
+    CUDA path (pretended here, the rule reads only shapes), at most 8 rows
+    of x, fewer weight values than the width's entry, no forced path."""
+    monkeypatch.setattr(affine, "LAYER_BUILTIN_DECODE_BELOW", {4: 1 << 24})
+    monkeypatch.setattr(affine, "backend", lambda stream: "cuda")
+    rule = affine.layer_decode_on_builtin
+    below, at = mx.zeros((4095, 512), mx.uint32), mx.zeros((4096, 512), mx.uint32)
+    one, eight, nine = (
+        mx.zeros(s, mx.float16) for s in [(4096,), (2, 4, 4096), (9, 4096)]
+    )
+    assert rule(one, below, 4) and rule(eight, below, 4)
+    assert not rule(nine, below, 4)
+    assert not rule(one, at, 4)  # 4096 x 4096 values is 2**24
+    assert not rule(one, mx.zeros((4095, 1024), mx.uint32), 8)  # no 8-bit entry
+    with mqo.use_backend("reference"):
+        assert not rule(one, below, 4)
+
+
+def graph_ops(y):
+    """The primitives of the graph that computes ``y`` (inputs evaluated
+    beforehand leave theirs out)."""
+    dot = io.StringIO()
+    mx.export_to_dot(dot, y)
+    return set(re.findall(r'label ="(\w+)"', dot.getvalue()))
+
+
+@pytest.mark.gpu
+def test_small_decodes_run_on_mlx_builtin(monkeypatch):
+    """On CUDA a linear layer's decode call (at most 8 rows) of a weight
+    below its width's size in ``LAYER_BUILTIN_DECODE_BELOW`` is one
+    ``mx.quantized_matmul``, bit for bit, its gradients too; longer
+    inputs, larger weights, unlisted widths and a forced path run our
+    kernel, bit for bit the public op's. The graph's primitives say which
+    ran (the two kernels can round alike)."""
+    if mqo.backend(mx.default_stream(mx.gpu)) != "cuda":
+        pytest.skip("the hand-over is measured on CUDA only")
+    monkeypatch.setattr(
+        affine, "LAYER_BUILTIN_DECODE_BELOW", MEASURED_BUILTIN_DECODE_BELOW
+    )
+    clear_plans()
+    mx.random.seed(11)
+
+    def layers(out_dims, in_dims, bits):
+        theirs = nn.QuantizedLinear.from_linear(
+            linear(in_dims, out_dims, mx.float16, bias=False), 64, bits
+        )
+        mx.eval(theirs.parameters())
+        return theirs, mqo.nn.QuantizedLinear.from_quantized(theirs)
+
+    def ran_builtin(layer, x):
+        mx.eval(x)
+        args = (x, layer.weight, layer.scales, layer.biases, True, 64, layer.bits)
+        first, again = layer(x), layer(x)  # planned, then replayed
+        builtin = "QuantizedMatmul" in graph_ops(first)
+        assert ("QuantizedMatmul" in graph_ops(again)) == builtin
+        expected = (mx.quantized_matmul if builtin else mqo.quantized_matmul)(*args)
+        assert mx.array_equal(first, expected) and mx.array_equal(again, expected)
+        return builtin
+
+    with mx.stream(mx.gpu):
+        theirs, small = layers(512, 2048, 4)
+        one, eight = sample((1, 2048), "normal", mx.float16), sample(
+            (2, 4, 2048), "normal", mx.float16
+        )
+        assert ran_builtin(small, one) and ran_builtin(small, eight)
+        assert mx.array_equal(small(one), theirs(one))
+        assert not ran_builtin(small, sample((17, 2048), "normal", mx.float16))
+        with mqo.use_backend("cuda"):
+            assert not ran_builtin(small, one)
+        assert ran_builtin(small, one)
+        _, large = layers(4096, 4096, 4)  # 2**24 values: not below
+        assert not ran_builtin(large, one)
+        _, large_8bit = layers(4096, 4096, 8)  # below 8 bits' 2**26
+        assert ran_builtin(large_8bit, one)
+        unlisted = {b: n for b, n in MEASURED_BUILTIN_DECODE_BELOW.items() if b != 4}
+        monkeypatch.setattr(affine, "LAYER_BUILTIN_DECODE_BELOW", unlisted)
+        clear_plans()  # as after any change of the dispatch rules
+        assert not ran_builtin(small, one)
+        monkeypatch.setattr(
+            affine, "LAYER_BUILTIN_DECODE_BELOW", MEASURED_BUILTIN_DECODE_BELOW
+        )
+        clear_plans()
+
+        for m in (small, theirs):
+            m.unfreeze(keys=["scales", "biases"], recurse=False)
+        loss = lambda m: (m(one).astype(mx.float32) ** 2).sum()  # noqa: E731
+        ours_g = nn.value_and_grad(small, lambda: loss(small))()[1]
+        theirs_g = nn.value_and_grad(theirs, lambda: loss(theirs))()[1]
+        for (k, a), (_, b) in zip(tree_flatten(ours_g), tree_flatten(theirs_g)):
+            assert mx.array_equal(a, b), k
 
 
 @pytest.mark.parametrize("device", DEVICES)
