@@ -40,6 +40,11 @@ FULL_MODELS = (
         _llama(4096, 8, 14336, 32, 8, 128256),
     ),
     (
+        "Llama-3.2-1B shape, 16 layers",
+        "llama",
+        dict(_llama(2048, 16, 8192, 32, 8, 128256), tie_word_embeddings=True),
+    ),
+    (
         "Qwen3-30B-A3B shape, 4 of 48 layers",
         "qwen3_moe",
         dict(
