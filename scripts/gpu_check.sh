@@ -5,23 +5,31 @@
 # repository root after `source scripts/device_env.sh`; logs go to $OUT.
 set -u
 out=${OUT:-/tmp}
+mkdir -p "$out"
 T="python3 -m pytest -m gpu -q -p no:cacheprovider --tb=short -rf"
 start=$(date +%s)
-$T tests/test_gguf.py tests/test_backend.py tests/test_package.py > "$out/gpu_gguf.txt" 2>&1 &
-$T tests/test_nn.py tests/test_model.py > "$out/gpu_nn.txt" 2>&1 &
-$T tests/test_affine.py -k "quantize_dequantize and f32" > "$out/gpu_aff1.txt" 2>&1 &
-$T tests/test_affine.py -k "quantize_dequantize and f16 and not bf16" > "$out/gpu_aff2.txt" 2>&1 &
-$T tests/test_affine.py -k "quantize_dequantize and bf16" > "$out/gpu_aff10.txt" 2>&1 &
-$T tests/test_affine.py -k "matmul_shapes or batch_dims or mixed or defaults or negative or off_hopper or batched_weights" > "$out/gpu_aff3.txt" 2>&1 &
-$T tests/test_affine.py -k "bits_and_groups" > "$out/gpu_aff4.txt" 2>&1 &
-$T tests/test_affine.py -k "prefill_bits and not bf16" > "$out/gpu_aff5.txt" 2>&1 &
-$T tests/test_affine.py -k "prefill_bits and bf16" > "$out/gpu_aff9.txt" 2>&1 &
-$T tests/test_affine.py -k "gather or gradient" > "$out/gpu_aff6.txt" 2>&1 &
-$T tests/test_affine.py -k "decode_bits and not bf16" > "$out/gpu_aff7.txt" 2>&1 &
-$T tests/test_affine.py -k "decode_bits and bf16" > "$out/gpu_aff8.txt" 2>&1 &
-$T tests/test_affine.py -k "streamed and not bf16" > "$out/gpu_aff11.txt" 2>&1 &
-$T tests/test_affine.py -k "streamed and bf16" > "$out/gpu_aff12.txt" 2>&1 &
+# Each group prints its summary line as it ends, so a run stopped by a
+# timeout still reports the groups that finished.
+group() {
+  local log="$out/$1"
+  shift
+  $T "$@" > "$log" 2>&1
+  echo "== $(basename "$log") ($(( $(date +%s) - start )) s): $(tail -1 "$log")"
+}
+group gpu_gguf.txt tests/test_gguf.py tests/test_backend.py tests/test_package.py &
+group gpu_nn.txt tests/test_nn.py tests/test_model.py &
+group gpu_aff1.txt tests/test_affine.py -k "quantize_dequantize and f32" &
+group gpu_aff2.txt tests/test_affine.py -k "quantize_dequantize and f16 and not bf16" &
+group gpu_aff10.txt tests/test_affine.py -k "quantize_dequantize and bf16" &
+group gpu_aff3.txt tests/test_affine.py -k "matmul_shapes or batch_dims or mixed or defaults or negative or off_hopper or batched_weights" &
+group gpu_aff4.txt tests/test_affine.py -k "bits_and_groups" &
+group gpu_aff5.txt tests/test_affine.py -k "prefill_bits and not bf16" &
+group gpu_aff9.txt tests/test_affine.py -k "prefill_bits and bf16" &
+group gpu_aff6.txt tests/test_affine.py -k "gather or gradient" &
+group gpu_aff7.txt tests/test_affine.py -k "decode_bits and not bf16" &
+group gpu_aff8.txt tests/test_affine.py -k "decode_bits and bf16" &
+group gpu_aff11.txt tests/test_affine.py -k "streamed and not bf16" &
+group gpu_aff12.txt tests/test_affine.py -k "streamed and bf16" &
 wait
 echo "GPU tests took $(( $(date +%s) - start )) s"
-for f in "$out"/gpu_*.txt; do echo "== $(basename "$f"): $(tail -1 "$f")"; done
 grep -h "^FAILED\|^ERROR" "$out"/gpu_*.txt | head -40
