@@ -429,7 +429,7 @@ def test_small_decodes_run_on_mlx_builtin(monkeypatch):
     def ran_builtin(layer, x):
         mx.eval(x)
         args = (x, layer.weight, layer.scales, layer.biases, True, 64, layer.bits)
-        first, again = layer(x), layer(x)  # planned, then replayed
+        first, again = layer(x), layer(x)  # the second replays what the first kept
         builtin = "QuantizedMatmul" in graph_ops(first)
         assert ("QuantizedMatmul" in graph_ops(again)) == builtin
         expected = (mx.quantized_matmul if builtin else mqo.quantized_matmul)(*args)
