@@ -447,10 +447,15 @@ def test_small_decodes_run_on_mlx_builtin(monkeypatch):
         with mqo.use_backend("cuda"):
             assert not ran_builtin(small, one)
         assert ran_builtin(small, one)
-        _, large = layers(4096, 4096, 4)  # 2**24 values: not below
-        assert not ran_builtin(large, one)
-        _, large_8bit = layers(4096, 4096, 8)  # below 8 bits' 2**26
-        assert ran_builtin(large_8bit, one)
+        # A weight of exactly 4 bits' limit is not below it; at 8 bits the
+        # same shape is (the wider the codes, the later our kernel wins).
+        limit = MEASURED_BUILTIN_DECODE_BELOW[4]
+        assert MEASURED_BUILTIN_DECODE_BELOW[8] > limit
+        one_4096 = sample((1, 4096), "normal", mx.float16)
+        _, at_limit = layers(limit // 4096, 4096, 4)
+        assert not ran_builtin(at_limit, one_4096)
+        _, at_limit_8bit = layers(limit // 4096, 4096, 8)
+        assert ran_builtin(at_limit_8bit, one_4096)
         unlisted = {b: n for b, n in MEASURED_BUILTIN_DECODE_BELOW.items() if b != 4}
         monkeypatch.setattr(affine, "LAYER_BUILTIN_DECODE_BELOW", unlisted)
         clear_plans()  # as after any change of the dispatch rules
