@@ -1201,17 +1201,21 @@ _QUANTIZED_MATMUL_CALLS = CallPlans()
 # two graph nodes (the kernel and its custom_function) and a compiled
 # replay, MLX's op one node, and that costs more than the GPU time our
 # kernel saves. Chains of dependent layer calls, one row, f16, H200,
-# 2026-12-04 (ours / MLX): 4 bits 1.49 at 2048x2048, 0.90-1.07 at
-# 4096x4096, 0.73-0.79 at 8192x4096; 2, 3 and 6 bits 1.13-1.16 at
-# 4096x4096, 0.88-0.91 at 8192x4096; 5 and 8 bits 1.06-1.07 at
+# 2026-12-04 (ours / MLX): 4 bits 1.49 at 2048x2048, 1.17 at 8192x2048,
+# 0.90-1.07 at 4096x4096, 0.73-0.79 at 8192x4096; 2, 3 and 6 bits
+# 1.13-1.16 at 4096x4096, 0.88-0.91 at 8192x4096; 5 and 8 bits 1.06-1.07 at
 # 14336x4096, 0.86-0.96 at 32768x4096 (docs/benchmarks.md). Group sizes 32
-# and 128 moved 4-bit ratios by at most 0.05. The public ops never hand
-# over: they are this package's kernels, which the benchmark times.
+# and 128 moved 4-bit ratios by at most 0.05. The 4-bit limit takes in
+# 2**24 (4096x4096, 8192x2048), where chains were level or MLX's: whole
+# models decoded faster so (medians, Llama-3.2-1B shape 2588 against 3043
+# us a token, Llama-3-8B shape 2073 against 2227, one H200 host). The public
+# ops never hand over: they are this package's kernels, which the benchmark
+# times.
 LAYER_BUILTIN_DECODE_ROWS = 8
 LAYER_BUILTIN_DECODE_BELOW = {
     2: 1 << 25,
     3: 1 << 25,
-    4: 1 << 24,
+    4: 1 << 25,
     5: 1 << 26,
     6: 1 << 25,
     8: 1 << 26,
