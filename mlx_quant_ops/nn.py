@@ -504,6 +504,11 @@ def patch(model: nn.Module) -> nn.Module:
       whose forward may do more than a quantized matmul;
     - layers that are already ours, so patching twice changes nothing.
 
+    On CUDA, how MLX cuts a decode step into CUDA graphs decides whether a
+    patched model decodes faster than MLX's layers: on an H200 it did with
+    ``MLX_MAX_OPS_PER_BUFFER=8`` in the environment and did not with MLX's
+    default (docs/benchmarks.md, twentieth session).
+
     Args:
         model (mlx.nn.Module): a model, typically from ``mlx_lm.load`` or
             after ``mlx.nn.quantize``.
