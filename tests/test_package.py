@@ -2,6 +2,7 @@
 model, found at run time wherever the package is installed."""
 
 import importlib
+import json
 import pkgutil
 from pathlib import Path
 
@@ -138,3 +139,20 @@ def test_kernel_tables_stay_out_of_mlx_host_scalar_pool():
     slot_expert, slot_x, longest = affine._shape_slots((0,), (0,), 1)
     assert slot_expert.nbytes > 8 and slot_x.nbytes > 8 and longest == 1
     assert slot_x.tolist()[0] == 0
+
+
+def test_bench_records_mlx_environment(monkeypatch, tmp_path, capsys):
+    # A benchmark run says which MLX_* settings it ran under (they move the
+    # CUDA end-to-end rows), in its header and its JSON; other variables
+    # stay out.
+    from mlx_quant_ops.bench import __main__ as bench_main
+
+    monkeypatch.setenv("MLX_MAX_OPS_PER_BUFFER", "8")
+    monkeypatch.setenv("MLXNOT_A_SETTING", "1")
+    monkeypatch.setattr(bench_main, "CASE_MODULES", ())
+    out = tmp_path / "rows.json"
+    bench_main.main(["--quick", "--only", "no such op", "--json", str(out)])
+    recorded = json.loads(out.read_text())["mlx_environment"]
+    assert recorded.get("MLX_MAX_OPS_PER_BUFFER") == "8"
+    assert all(name.startswith("MLX_") for name in recorded)
+    assert "# MLX environment: " in capsys.readouterr().out

@@ -8,6 +8,7 @@ import datetime
 import importlib
 import importlib.util
 import json
+import os
 import platform
 
 import mlx.core as mx
@@ -17,6 +18,21 @@ from .core import HEADER, copy_bandwidth, run_cases
 
 # Each module exposes ``cases(quick: bool) -> list[Case]``.
 CASE_MODULES = ("gguf_cases", "affine_cases")
+
+
+def mlx_environment() -> dict:
+    """MLX's own ``MLX_*`` environment variables as this run sees them.
+
+    They change what is timed: on CUDA, ``MLX_MAX_OPS_PER_BUFFER`` and
+    ``MLX_MAX_MB_PER_BUFFER`` set how MLX cuts work into CUDA graphs, and
+    the mlx-lm rows moved from 11-21% slower than MLX's layers to 15-22%
+    faster with them (docs/benchmarks.md, twentieth session).
+
+    Returns:
+        dict: name to value, sorted by name; empty where MLX runs on its
+        defaults.
+    """
+    return {k: v for k, v in sorted(os.environ.items()) if k.startswith("MLX_")}
 
 
 def main(argv=None):
@@ -37,6 +53,9 @@ def main(argv=None):
     )
     bandwidth = copy_bandwidth(64 if args.quick else 1024)
     print(f"# measured copy bandwidth: {bandwidth / 1e12:.3f} TB/s")
+    settings = mlx_environment()
+    shown = " ".join(f"{k}={v}" for k, v in settings.items())
+    print(f"# MLX environment: {shown or 'defaults'}")
     print(HEADER)
     rows = []
     for name in CASE_MODULES:
@@ -61,6 +80,7 @@ def main(argv=None):
                     "date": str(datetime.date.today()),
                     "mlx": mx.__version__,
                     "path": backend(),
+                    "mlx_environment": settings,
                     "copy_bandwidth": bandwidth,
                     "rows": [
                         {
