@@ -413,10 +413,12 @@ def test_small_decodes_run_on_mlx_builtin(monkeypatch):
     ran (the two kernels can round alike)."""
     if mqo.backend(mx.default_stream(mx.gpu)) != "cuda":
         pytest.skip("the hand-over is measured on CUDA only")
-    monkeypatch.setattr(
-        affine, "LAYER_BUILTIN_DECODE_BELOW", MEASURED_BUILTIN_DECODE_BELOW
-    )
-    clear_plans()
+
+    def hand_over_below(table):
+        monkeypatch.setattr(affine, "LAYER_BUILTIN_DECODE_BELOW", table)
+        clear_plans()  # as after any change of the dispatch rules
+
+    hand_over_below(MEASURED_BUILTIN_DECODE_BELOW)
     mx.random.seed(11)
 
     def layers(out_dims, in_dims, bits):
@@ -457,13 +459,9 @@ def test_small_decodes_run_on_mlx_builtin(monkeypatch):
         _, at_limit_8bit = layers(limit // 4096, 4096, 8)
         assert ran_builtin(at_limit_8bit, one_4096)
         unlisted = {b: n for b, n in MEASURED_BUILTIN_DECODE_BELOW.items() if b != 4}
-        monkeypatch.setattr(affine, "LAYER_BUILTIN_DECODE_BELOW", unlisted)
-        clear_plans()  # as after any change of the dispatch rules
+        hand_over_below(unlisted)
         assert not ran_builtin(small, one)
-        monkeypatch.setattr(
-            affine, "LAYER_BUILTIN_DECODE_BELOW", MEASURED_BUILTIN_DECODE_BELOW
-        )
-        clear_plans()
+        hand_over_below(MEASURED_BUILTIN_DECODE_BELOW)
 
         for m in (small, theirs):
             m.unfreeze(keys=["scales", "biases"], recurse=False)
