@@ -399,7 +399,16 @@ class LastCall:
     :meth:`forget`, which keeps the identity check exact.
     """
 
-    __slots__ = ("_fixed", "_key", "_run", "_device", "_x", "_more", "_switches")
+    __slots__ = (
+        "_fixed",
+        "_key",
+        "_run",
+        "_device",
+        "_x",
+        "_more",
+        "_switches",
+        "_swapped",
+    )
 
     def __init__(self):
         self.forget()
@@ -414,6 +423,8 @@ class LastCall:
         # call was compiled for the default stream.
         self._device = None
         self._x, self._more, self._switches = [], [], ()
+        # What :meth:`replay_swapped` compares; None unless :meth:`swap` ran.
+        self._swapped = None
 
     def replay(self, fixed: tuple, x: mx.array, *more: mx.array) -> Optional[Callable]:
         """The kept planned function, if it can run a layer's call whose
@@ -481,7 +492,37 @@ class LastCall:
         if self._device is None:
             return False
         self._run = run
+        x_shape, x_dtype = self._x
+        self._swapped = (x_shape, x_dtype, override(), self._device, _plan_generation)
         return True
+
+    def replay_swapped(self, x: mx.array) -> Optional[Callable]:
+        """The function :meth:`swap` put in, if ``x`` has the kept call's
+        shape and dtype and the forced path, default device and plan
+        generation are the kept call's; else None.
+
+        Cheaper than :meth:`replay` (about a third of its cost) because it
+        compares no held arrays or options: a swapped-in function is another
+        library's op (MLX's built-in), which checks the arrays it is given
+        itself, and the caller passes its current ones. Only the choice of
+        that op rests on the kept call, so only what the choice depends on
+        is compared. A layer's small decodes take this path every token.
+
+        Args:
+            x: the call's activations.
+
+        Returns:
+            The swapped-in function of the call's ``arrays``, or None.
+        """
+        swapped = self._swapped
+        if (
+            swapped is not None
+            and type(x) is mx.array
+            and (x.shape, x.dtype, override(), mx.default_device(), _plan_generation)
+            == swapped
+        ):
+            return self._run
+        return None
 
     def __call__(
         self,

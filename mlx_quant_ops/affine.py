@@ -1260,7 +1260,10 @@ def _layer_quantized_matmul(
     ``last_call`` (see :class:`LastCall`). Checked and planned as the op
     is, then run by ``mx.quantized_matmul`` where
     :func:`layer_decode_on_builtin` says so."""
-    run = last_call.replay((w, scales, biases, True, group_size, bits, "affine"), x)
+    run = last_call.replay_swapped(x)
+    if run is None:
+        fixed = (w, scales, biases, True, group_size, bits, "affine")
+        run = last_call.replay(fixed, x)
     if run is not None:
         return run(x, w, scales, biases)
     y = last_call(

@@ -24,7 +24,7 @@ from mlx_lm.models.switch_layers import SwitchGLU, SwitchLinear
 from mlx_lm.utils import load_model, quantize_model, save_config, save_model
 
 import mlx_quant_ops as mqo
-from mlx_quant_ops import affine
+from mlx_quant_ops import _kernels, affine
 from mlx_quant_ops._kernels import CallPlans, clear_plans
 
 # Relative error of a matmul against a float64 product (DESIGN.md).
@@ -312,6 +312,11 @@ def check_layer_replay(monkeypatch):
         return call(self, *args)
 
     monkeypatch.setattr(CallPlans, "call", counted)
+    # Our planned calls' replay; on CUDA these small decodes would go to
+    # MLX's built-in, whose replay test_small_decodes_run_on_mlx_builtin
+    # checks.
+    monkeypatch.setattr(affine, "LAYER_BUILTIN_DECODE_BELOW", {})
+    clear_plans()
     mx.random.seed(7)
     ours = mqo.nn.QuantizedLinear.from_quantized(
         nn.QuantizedLinear.from_linear(linear(128, 40, mx.float32), 64, 4)
@@ -395,6 +400,46 @@ def test_builtin_decode_rule(monkeypatch):
         assert not rule(one, below, 4)
 
 
+def test_swapped_call_replays_on_what_chose_it(monkeypatch):
+    """``LastCall.replay_swapped`` gives back the function ``swap`` put in
+    for the kept call's input shape and dtype, forced path, default device
+    and plan generation only; anything else goes back to planning. (The
+    GPU path is pretended: on the CPU no call is kept for replay.)"""
+    monkeypatch.setattr(_kernels, "backend", lambda stream=None: "cuda")
+    plans, last = CallPlans(), _kernels.LastCall()
+    x, w = mx.ones((1, 4)), mx.full((4,), 2.0)
+
+    def make(stream, x, w, option):
+        return lambda x, w: x * w
+
+    def builtin(x, w):
+        return x + w
+
+    assert mx.array_equal(last(plans, make, None, (x, w), ("o",), (x,), (w,)), x * w)
+    assert last.swap(builtin)
+    assert last.replay_swapped(mx.zeros((1, 4))) is builtin
+    assert last.replay_swapped(mx.zeros((2, 4))) is None
+    assert last.replay_swapped(mx.zeros((1, 4), mx.float16)) is None
+    assert last.replay_swapped(np.zeros((1, 4), np.float32)) is None
+    with mqo.use_backend("reference"):
+        assert last.replay_swapped(x) is None
+    with mx.stream(mx.new_stream(mx.default_device())):
+        assert last.replay_swapped(x) is builtin  # streams are not compared
+    monkeypatch.setattr(mx, "default_device", lambda: mx.Device(mx.gpu))
+    assert last.replay_swapped(x) is None
+    monkeypatch.undo()
+    clear_plans()
+    assert last.replay_swapped(x) is None
+    monkeypatch.setattr(_kernels, "backend", lambda stream=None: "cuda")
+    last(plans, make, None, (x, w), ("o",), (x,), (w,))
+    assert last.swap(builtin) and last.replay_swapped(x) is builtin
+    last.forget()
+    assert last.replay_swapped(x) is None
+    # A call on an explicit stream is not kept, so nothing is swapped in.
+    last(plans, make, mx.cpu, (x, w), ("o",), (x,), (w,))
+    assert not last.swap(builtin) and last.replay_swapped(x) is None
+
+
 def graph_ops(y):
     """The primitives of the graph that computes ``y`` (inputs evaluated
     beforehand leave theirs out)."""
@@ -446,6 +491,16 @@ def test_small_decodes_run_on_mlx_builtin(monkeypatch):
         assert ran_builtin(small, one) and ran_builtin(small, eight)
         assert mx.array_equal(small(one), theirs(one))
         assert not ran_builtin(small, sample((17, 2048), "normal", mx.float16))
+        # A handed-over call replays without comparing the layer's arrays
+        # (MLX's op checks them): arrays swapped in behind the layer's back
+        # are the ones multiplied.
+        small(one)
+        dict.__setitem__(small, "biases", small.biases + 1)
+        expected = mx.quantized_matmul(
+            one, small.weight, small.scales, small.biases, True, 64, 4
+        )
+        assert mx.array_equal(small(one), expected)
+        dict.__setitem__(small, "biases", theirs.biases)
         with mqo.use_backend("cuda"):
             assert not ran_builtin(small, one)
         assert ran_builtin(small, one)
