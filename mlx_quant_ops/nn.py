@@ -504,10 +504,10 @@ def patch(model: nn.Module) -> nn.Module:
       whose forward may do more than a quantized matmul;
     - layers that are already ours, so patching twice changes nothing.
 
-    On CUDA, how MLX cuts a decode step into CUDA graphs decides whether a
-    patched model decodes faster than MLX's layers: on an H200 it did with
-    ``MLX_MAX_OPS_PER_BUFFER=8`` in the environment and did not with MLX's
-    default (docs/benchmarks.md, twentieth session).
+    mlx-lm builds each decode step on the host, so a patched model decodes
+    faster than MLX's layers where the GPU time of the step bounds it (a
+    large model), and follows the host's speed where the host does
+    (docs/benchmarks.md, twenty-first session).
 
     Args:
         model (mlx.nn.Module): a model, typically from ``mlx_lm.load`` or
