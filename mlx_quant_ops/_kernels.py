@@ -396,7 +396,9 @@ class LastCall:
     each small int, bool and literal string, so ``1`` never passes for
     ``True``; equal objects that are not the same only cost a trip through
     the CallPlans. The held arrays stay alive until the next call or
-    :meth:`forget`, which keeps the identity check exact.
+    :meth:`forget`, which keeps the identity check exact. A call handed to
+    another library's op (:meth:`swap`) replays on a lighter check
+    (:meth:`replay_swapped`), since that op checks its arrays itself.
     """
 
     __slots__ = (
