@@ -142,9 +142,9 @@ def test_kernel_tables_stay_out_of_mlx_host_scalar_pool():
 
 
 def test_bench_records_mlx_environment(monkeypatch, tmp_path, capsys):
-    # A benchmark run says which MLX_* settings it ran under (they move the
-    # CUDA end-to-end rows), in its header and its JSON; other variables
-    # stay out.
+    # A benchmark run says which MLX_* settings it ran under (on CUDA they
+    # move the batched op rows), in its header and its JSON; other
+    # variables stay out.
     from mlx_quant_ops.bench import __main__ as bench_main
 
     monkeypatch.setenv("MLX_MAX_OPS_PER_BUFFER", "8")

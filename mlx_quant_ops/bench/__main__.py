@@ -24,9 +24,8 @@ def mlx_environment() -> dict:
     """MLX's own ``MLX_*`` environment variables as this run sees them.
 
     They change what is timed: on CUDA, ``MLX_MAX_OPS_PER_BUFFER`` and
-    ``MLX_MAX_MB_PER_BUFFER`` set how MLX cuts work into CUDA graphs, and
-    the mlx-lm rows moved from 11-21% slower than MLX's layers to 15-22%
-    faster with them (docs/benchmarks.md, twentieth session).
+    ``MLX_MAX_MB_PER_BUFFER`` set how MLX cuts work into CUDA graphs, which
+    moves the batched op rows (docs/benchmarks.md, fourteenth session).
 
     Returns:
         dict: name to value, sorted by name; empty where MLX runs on its
