@@ -937,7 +937,7 @@ print("ok")
 def test_bench_decode_rows_time_both_layer_sets(monkeypatch):
     # The end-to-end benchmark rows run mlx-lm's decoding on MLX's layers and
     # on ours, alternating: both timings are real, and each timed pass ran
-    # the layer set it is counted for.
+    # the layer set it is counted for; so did each set's host timing.
     from mlx_quant_ops.bench import decode_cases
 
     patched, ran_ours = [], []
@@ -951,9 +951,20 @@ def test_bench_decode_rows_time_both_layer_sets(monkeypatch):
         return real_time(model, prompt, tokens)
 
     monkeypatch.setattr(decode_cases, "_per_token_us", timed)
+    real_host, host_by_set = decode_cases._host_us, {}
+
+    def host(model, prompt, tokens):
+        q_proj = model.model.layers[0].self_attn.q_proj
+        us = real_host(model, prompt, tokens)
+        host_by_set[isinstance(q_proj, mqo.nn.QuantizedLinear)] = us
+        return us
+
+    monkeypatch.setattr(decode_cases, "_host_us", host)
     lines = []
     (row,) = decode_cases.run(quick=True, log=lines.append)
     assert len(patched) == 1
     assert ran_ours == [False, True] * (decode_cases.ROUNDS + 1)
-    assert 0 < row.ours_us < 60e6 and 0 < row.builtin_us < 60e6
+    assert host_by_set == {True: row.ours_host_us, False: row.builtin_host_us}
+    for us in (row.ours_us, row.builtin_us, row.ours_host_us, row.builtin_host_us):
+        assert 0 < us < 60e6
     assert lines == [decode_cases.format_row(row)]

@@ -97,6 +97,8 @@ def main(argv=None):
                             "model": r.name,
                             "ours_us_per_token": r.ours_us,
                             "builtin_us_per_token": r.builtin_us,
+                            "ours_host_us_per_token": r.ours_host_us,
+                            "builtin_host_us_per_token": r.builtin_host_us,
                         }
                         for r in decode_rows
                     ],
