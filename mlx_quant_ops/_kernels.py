@@ -476,9 +476,10 @@ class LastCall:
         return None
 
     def swap(self, run: Callable) -> bool:
-        """Replay ``run`` instead of the kept planned function, for as long
-        as :meth:`replay` would have replayed that one (same shapes, held
-        arrays, options, switches and device).
+        """Replay ``run`` instead of the kept planned function: through
+        :meth:`replay_swapped` while what chose it holds (the input's shape
+        and dtype, the forced path, the default device, the plan
+        generation), and through :meth:`replay` as the planned one was.
 
         For a caller that, once the op has checked and planned a call,
         hands calls of that kind to another function computing the same

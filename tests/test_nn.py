@@ -312,11 +312,6 @@ def check_layer_replay(monkeypatch):
         return call(self, *args)
 
     monkeypatch.setattr(CallPlans, "call", counted)
-    # Our planned calls' replay; on CUDA these small decodes would go to
-    # MLX's built-in, whose replay test_small_decodes_run_on_mlx_builtin
-    # checks.
-    monkeypatch.setattr(affine, "LAYER_BUILTIN_DECODE_BELOW", {})
-    clear_plans()
     mx.random.seed(7)
     ours = mqo.nn.QuantizedLinear.from_quantized(
         nn.QuantizedLinear.from_linear(linear(128, 40, mx.float32), 64, 4)
