@@ -114,20 +114,26 @@ __device__ __forceinline__ unsigned int affine_dequant_pair(
 // How a 32-value unit (bits words) splits into 16 pairs of codes for the
 // packed arithmetic above. Where codes do not straddle words (1, 2, 4, 8
 // bits) a word of V = 32 / bits codes gives its pairs (i, i + V / 2) with
-// one shift and one mask: pair p is codes lo(p) and lo(p) + V / 2. Other
-// widths pair neighbours (2p, 2p + 1), extracted one by one. The products
-// only need the activations paired the same way (see AffinePairs::x_pair).
+// one shift and one mask: pair p is codes lo(p) and lo(p) + V / 2. At 3
+// bits pair p is codes p and p + 16, which sit at the same offset in the
+// two 16-bit halves that one byte permute of two of the unit's words puts
+// together, for all but two pairs (see affine_weight_pair). 5 and 6 bits
+// pair neighbours (2p, 2p + 1), extracted one by one. The products only
+// need the activations paired the same way (see AffinePairs::x_pair).
 template <int bits>
 struct AffinePairs {
   static constexpr bool whole_words = (32 % bits) == 0;
+  static constexpr bool halves = bits == 3;  // pairs (p, p + 16)
+  static constexpr bool neighbours = !whole_words && !halves;
   static constexpr int per_word = 32 / bits;
   static constexpr int half_word = per_word / 2;
 
   static __device__ __forceinline__ constexpr int lo(int p) {
-    return whole_words ? per_word * (p / half_word) + p % half_word : 2 * p;
+    return whole_words ? per_word * (p / half_word) + p % half_word
+                       : (halves ? p : 2 * p);
   }
   static __device__ __forceinline__ constexpr int hi(int p) {
-    return whole_words ? lo(p) + half_word : 2 * p + 1;
+    return whole_words ? lo(p) + half_word : (halves ? p + 16 : 2 * p + 1);
   }
   // Codes lo(p) and hi(p) of the unit in words[0 .. bits - 1], as the low
   // and high halves of one word.
@@ -137,18 +143,17 @@ struct AffinePairs {
       const unsigned int mask = ((1u << bits) - 1u) * 0x00010001u;
       return (words[p / half_word] >> (bits * (p % half_word))) & mask;
     } else {
-      return affine_code<bits>(words, 2 * p) |
-          (affine_code<bits>(words, 2 * p + 1) << 16);
+      return affine_code<bits>(words, lo(p)) | (affine_code<bits>(words, hi(p)) << 16);
     }
   }
   // Where code c of the unit lands: pair_of(c) and which half (0 low).
   static __device__ __forceinline__ constexpr int pair_of(int c) {
     return whole_words
         ? (c / per_word) * half_word + (c % per_word) % half_word
-        : c / 2;
+        : (halves ? c % 16 : c / 2);
   }
   static __device__ __forceinline__ constexpr int half_of(int c) {
-    return whole_words ? (c % per_word) / half_word : c % 2;
+    return whole_words ? (c % per_word) / half_word : (halves ? c / 16 : c % 2);
   }
   // Activations lo(p) and hi(p) of a unit held as 16 words of two 16-bit
   // values each (x[2j] low, x[2j + 1] high), in one byte permute.
@@ -194,6 +199,27 @@ __device__ __forceinline__ unsigned int affine_weight_pair(
     const int e = bits * (j % window);
     const unsigned int word = words[p / Pairs::half_word] >> (bits * (j - j % window));
     return affine_dequant_pair<T, bits>(word, e, scale2, bias2);
+  } else if constexpr (Pairs::halves) {
+    // 3 bits, pair p = codes p and p + 16. Codes 0-4 sit in bits 0-14 of
+    // word 0 and codes 16-20 in bits 16-30 of word 1; codes 6-9 in bits
+    // 18-29 of word 0 and 22-25 in bits 2-13 of word 2; codes 11-15 in bits
+    // 1-15 of word 1 and 27-31 in bits 17-31 of word 2. So one byte permute
+    // puts each run's two halves side by side with both codes of a pair at
+    // the same offset, and its pairs share the permute and one shift per
+    // window under 2^m, as whole-word widths do. Pairs 5 and 10 (codes 5,
+    // 10, 21 and 26 straddle a word or a half) are extracted one by one.
+    if (p == 5 || p == 10) {
+      return affine_dequant_pair<T, 16>(Pairs::raw(words, p), 0, scale2, bias2);
+    }
+    const int first = p < 5 ? 0 : (p < 10 ? 6 : 11);  // the run's first pair
+    const int phase = p < 5 ? 0 : (p < 10 ? 2 : 1);  // its first code's offset
+    const unsigned int run = p < 5 ? __byte_perm(words[0], words[1], 0x7610)
+        : p < 10                   ? __byte_perm(words[0], words[2], 0x5432)
+                                   : __byte_perm(words[1], words[2], 0x7610);
+    const int fit = (AffineMma<T>::magic_bits - bits - phase) / bits + 1;
+    const int shift = bits * ((p - first) / fit * fit);
+    const int offset = phase + bits * (p - first);
+    return affine_dequant_pair<T, bits>(run >> shift, offset - shift, scale2, bias2);
   } else if constexpr (bits <= AffineMma<T>::magic_bits) {
     const unsigned int raw = Pairs::raw(words, p);
     return affine_dequant_pair<T, 16>(raw, 0, scale2, bias2);
@@ -219,7 +245,7 @@ __device__ __forceinline__ unsigned int affine_weight_neighbours(
   typedef AffinePairs<bits> Pairs;
   const int c0 = 2 * n;
   const int c1 = 2 * n + 1;
-  if constexpr (!Pairs::whole_words) {
+  if constexpr (Pairs::neighbours) {
     return affine_weight_pair<T, bits>(words, n, scale2, bias2, scale, bias);
   } else {
     const unsigned int a = affine_weight_pair<T, bits>(

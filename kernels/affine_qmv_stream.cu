@@ -57,9 +57,9 @@ __shared__ __align__(8) unsigned long long empty[STAGES];
 __shared__ __align__(8) unsigned long long x_full;
 T* const x_shared = reinterpret_cast<T*>(affine_stream_shared + STAGES * STAGE_BYTES);
 // With XP, the staged rows again in pair order (the consumers write them).
-// Widths whose pairs are neighbours (3, 5, 6 bits) are in pair order as
+// Widths whose pairs are neighbours (5, 6 bits) are in pair order as
 // staged, so they read the staged rows and make no copy.
-constexpr bool COPY_PAIRS = XP && AffinePairs<bits>::whole_words;
+constexpr bool COPY_PAIRS = XP && !AffinePairs<bits>::neighbours;
 uint32_t* const x_pairs = reinterpret_cast<uint32_t*>(x_shared + params[2] * params[1]);
 const int N = params[0];
 const int K = params[1];
@@ -183,7 +183,7 @@ if (warp == KW) {
     // The staged rows are put in pair order before any consumer reads
     // them: copied beside them a word per thread where the host left room
     // (COPY_PAIRS), else rewritten in place a unit per thread (nothing to
-    // do at 3, 5 and 6 bits). In-kernel timers on the H100 (14336x4096, one
+    // do at 5 and 6 bits). In-kernel timers on the H100 (14336x4096, one
     // row): the byte permutes cost 7% of the kernel's time, and the rewrite
     // in place wins back only half of it.
     affine_mbarrier_wait(&x_full, 0);

@@ -81,7 +81,7 @@ __device__ __forceinline__ void affine_warps_sync(int id, int threads) {
 // Staged x rows in pair order: word p of a unit holds the activations of
 // pair p (AffinePairs::x_pair), so the consumers load the mma's B
 // registers as they are, without two byte permutes per step. Widths whose
-// pairs are neighbours (3, 5, 6 bits) are in that order already.
+// pairs are neighbours (5, 6 bits) are in that order already.
 
 // Word `e` of x rows staged in shared memory (at `xs`) in pair order: pair
 // e % 16 of unit e / 16.
@@ -99,7 +99,7 @@ __device__ __forceinline__ uint32_t affine_stream_x_pair_word(const T* xs, int e
 // thread, for when there is no room for a second copy.
 template <typename T, int bits>
 __device__ __forceinline__ void affine_stream_pair_x_unit(T* xs) {
-  if constexpr (AffinePairs<bits>::whole_words) {
+  if constexpr (!AffinePairs<bits>::neighbours) {
     uint4* v = reinterpret_cast<uint4*>(xs);
     uint32_t pairs[16];
 #pragma unroll
