@@ -932,10 +932,11 @@ print("ok")
 def test_bench_decode_rows_time_both_layer_sets(monkeypatch):
     # The end-to-end benchmark rows run mlx-lm's decoding on MLX's layers and
     # on ours, alternating: both timings are real, and each timed pass ran
-    # the layer set it is counted for; so did each set's host timing.
+    # the layer set it is counted for; so did each set's host timing. The
+    # paired ratio is the median of each round's ours / MLX's layers.
     from mlx_quant_ops.bench import decode_cases
 
-    patched, ran_ours = [], []
+    patched, ran_ours, times = [], [], []
     real_patch = mqo.nn.patch
     monkeypatch.setattr(mqo.nn, "patch", lambda m: patched.append(m) or real_patch(m))
     real_time = decode_cases._per_token_us
@@ -943,7 +944,8 @@ def test_bench_decode_rows_time_both_layer_sets(monkeypatch):
     def timed(model, prompt, tokens):
         q_proj = model.model.layers[0].self_attn.q_proj
         ran_ours.append(isinstance(q_proj, mqo.nn.QuantizedLinear))
-        return real_time(model, prompt, tokens)
+        times.append(real_time(model, prompt, tokens))
+        return times[-1]
 
     monkeypatch.setattr(decode_cases, "_per_token_us", timed)
     real_host, host_by_set = decode_cases._host_us, {}
@@ -959,6 +961,10 @@ def test_bench_decode_rows_time_both_layer_sets(monkeypatch):
     (row,) = decode_cases.run(quick=True, log=lines.append)
     assert len(patched) == 1
     assert ran_ours == [False, True] * (decode_cases.ROUNDS + 1)
+    builtin_passes, ours_passes = times[2::2], times[3::2]  # round 0 untimed
+    assert (row.builtin_us, row.ours_us) == (min(builtin_passes), min(ours_passes))
+    ratios = sorted(o / b for o, b in zip(ours_passes, builtin_passes))
+    assert row.paired_ratio == ratios[len(ratios) // 2]  # ROUNDS is odd
     assert host_by_set == {True: row.ours_host_us, False: row.builtin_host_us}
     for us in (row.ours_us, row.builtin_us, row.ours_host_us, row.builtin_host_us):
         assert 0 < us < 60e6

@@ -99,6 +99,7 @@ def main(argv=None):
                             "builtin_us_per_token": r.builtin_us,
                             "ours_host_us_per_token": r.ours_host_us,
                             "builtin_host_us_per_token": r.builtin_host_us,
+                            "ours_over_builtin_paired": r.paired_ratio,
                         }
                         for r in decode_rows
                     ],

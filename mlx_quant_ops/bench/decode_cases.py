@@ -87,13 +87,19 @@ class DecodeRow:
     builtin_us: float
     ours_host_us: float
     builtin_host_us: float
+    # Median over the timed rounds of ours / MLX's layers, each round's two
+    # passes back to back: the host's speed drifts over minutes, so a round
+    # compares the two sets at nearly the same speed where the two bests
+    # may come from different minutes.
+    paired_ratio: float
 
 
 # Timed passes per layer set, alternating MLX's layers and ours so that
 # neither gains from running later (warmer clocks, a grown allocator pool).
 # A first untimed pass of each compiles kernels and plans calls. The H100
 # host's Python speed swings by up to 1.5x from one pass to the next, so a
-# row keeps each set's best of several passes. A pass is timed whole, as a
+# row keeps each set's best of several passes, and the median of the
+# rounds' ratios (DecodeRow.paired_ratio). A pass is timed whole, as a
 # user's tokens per second sees it.
 ROUNDS = 5
 
@@ -158,19 +164,29 @@ def run(quick: bool, log=print) -> List[DecodeRow]:
         layer_sets = {"builtin": model.leaf_modules()}
         mqo_nn.patch(model)
         layer_sets["ours"] = model.leaf_modules()
-        best = {key: float("inf") for key in layer_sets}
+        passes = {key: [] for key in layer_sets}
         host = {}
         for round_ in range(ROUNDS + 1):
             for key, layers in layer_sets.items():
                 model.update_modules(layers)
                 timed = _per_token_us(model, prompt, tokens)
                 if round_ > 0:
-                    best[key] = min(best[key], timed)
+                    passes[key].append(timed)
         for key, layers in layer_sets.items():
             model.update_modules(layers)
             host[key] = _host_us(model, prompt, tokens)
         row = DecodeRow(
-            name, best["ours"], best["builtin"], host["ours"], host["builtin"]
+            name,
+            min(passes["ours"]),
+            min(passes["builtin"]),
+            host["ours"],
+            host["builtin"],
+            statistics.median(
+                [
+                    ours / builtin
+                    for ours, builtin in zip(passes["ours"], passes["builtin"])
+                ]
+            ),
         )
         rows.append(row)
         log(format_row(row))
@@ -180,7 +196,7 @@ def run(quick: bool, log=print) -> List[DecodeRow]:
 
 HEADER = (
     f"{'mlx-lm decode':<22} {'model (q4 g64 f16)':<36} {'ours us':>9} {'built-in':>9}"
-    f" {'host: ours':>11} {'built-in':>9}"
+    f" {'host: ours':>11} {'built-in':>9} {'ours/built-in':>14}"
 )
 
 
@@ -188,4 +204,5 @@ def format_row(row: DecodeRow) -> str:
     return (
         f"{'per token':<22} {row.name:<36} {row.ours_us:>9.1f} {row.builtin_us:>9.1f}"
         f" {row.ours_host_us:>11.1f} {row.builtin_host_us:>9.1f}"
+        f" {row.paired_ratio:>14.3f}"
     )
