@@ -941,9 +941,12 @@ def test_bench_decode_rows_time_both_layer_sets(monkeypatch):
     monkeypatch.setattr(mqo.nn, "patch", lambda m: patched.append(m) or real_patch(m))
     real_time = decode_cases._per_token_us
 
-    def timed(model, prompt, tokens):
+    def on_ours(model):
         q_proj = model.model.layers[0].self_attn.q_proj
-        ran_ours.append(isinstance(q_proj, mqo.nn.QuantizedLinear))
+        return isinstance(q_proj, mqo.nn.QuantizedLinear)
+
+    def timed(model, prompt, tokens):
+        ran_ours.append(on_ours(model))
         times.append(real_time(model, prompt, tokens))
         return times[-1]
 
@@ -951,9 +954,8 @@ def test_bench_decode_rows_time_both_layer_sets(monkeypatch):
     real_host, host_by_set = decode_cases._host_us, {}
 
     def host(model, prompt, tokens):
-        q_proj = model.model.layers[0].self_attn.q_proj
         us = real_host(model, prompt, tokens)
-        host_by_set[isinstance(q_proj, mqo.nn.QuantizedLinear)] = us
+        host_by_set[on_ours(model)] = us
         return us
 
     monkeypatch.setattr(decode_cases, "_host_us", host)
