@@ -155,6 +155,9 @@ struct AffinePairs {
   static __device__ __forceinline__ constexpr int half_of(int c) {
     return whole_words ? (c % per_word) / half_word : (halves ? c / 16 : c % 2);
   }
+  // The neighbour (weights 2n' and 2n' + 1) built from the same two pairs
+  // as neighbour n, their other halves, is n' = n + partner (0: none).
+  static constexpr int partner = whole_words ? half_word / 2 : (halves ? 8 : 0);
   // Activations lo(p) and hi(p) of a unit held as 16 words of two 16-bit
   // values each (x[2j] low, x[2j + 1] high), in one byte permute.
   static __device__ __forceinline__ unsigned int
@@ -233,7 +236,9 @@ __device__ __forceinline__ unsigned int affine_weight_pair(
 
 // Weights 2n and 2n + 1 of a unit (natural order, as a tile in shared
 // memory wants them) from the pairs above: one byte permute of the two
-// pairs that hold them (the compiler keeps one copy of each pair).
+// pairs that hold them. The same two pairs, other halves, hold neighbour
+// n + partner, so with `partner_out` set both come from one build of the
+// pairs (nvcc does not merge two builds: their and-or is inline asm).
 template <typename T, int bits>
 __device__ __forceinline__ unsigned int affine_weight_neighbours(
     const unsigned int* words,
@@ -241,7 +246,8 @@ __device__ __forceinline__ unsigned int affine_weight_neighbours(
     typename AffineMma<T>::T2 scale2,
     typename AffineMma<T>::T2 bias2,
     float scale,
-    float bias) {
+    float bias,
+    unsigned int* partner_out = nullptr) {
   typedef AffinePairs<bits> Pairs;
   const int c0 = 2 * n;
   const int c1 = 2 * n + 1;
@@ -252,9 +258,13 @@ __device__ __forceinline__ unsigned int affine_weight_neighbours(
         words, Pairs::pair_of(c0), scale2, bias2, scale, bias);
     const unsigned int b = affine_weight_pair<T, bits>(
         words, Pairs::pair_of(c1), scale2, bias2, scale, bias);
-    const unsigned int select = (Pairs::half_of(c0) ? 0x0032u : 0x0010u) |
-        (Pairs::half_of(c1) ? 0x7600u : 0x5400u);
-    return __byte_perm(a, b, select);
+    const bool high0 = Pairs::half_of(c0);
+    const bool high1 = Pairs::half_of(c1);
+    if (partner_out != nullptr) {
+      *partner_out = __byte_perm(
+          a, b, (high0 ? 0x0010u : 0x0032u) | (high1 ? 0x5400u : 0x7600u));
+    }
+    return __byte_perm(a, b, (high0 ? 0x0032u : 0x0010u) | (high1 ? 0x7600u : 0x5400u));
   }
 }
 

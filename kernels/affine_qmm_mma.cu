@@ -97,16 +97,31 @@ auto stage = [&](const Fetched& f, int buf) {
   const T2 scale2 = Mma::splat(static_cast<T>(scale));
   const T2 bias2 = Mma::splat(static_cast<T>(bias));
   uint4* dst = reinterpret_cast<uint4*>(&ws[buf][w_row * LDS + AFFINE_UNIT * w_unit]);
-  // Two halves of eight pairs, so only eight results are live at once.
+  // Two halves of eight neighbours (two quads of four, 16 bytes each), so
+  // only eight results are live at once. Each half holds every neighbour's
+  // partner (AffinePairs::partner), built with it from the same pairs.
+  constexpr int partner = AffinePairs<bits>::partner;
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
-    uint32_t pairs[8];
+    uint32_t out[16];
 #pragma unroll
-    for (int i = 0; i < 8; ++i) {
-      pairs[i] = affine_weight_neighbours<T, bits>(f.words, 8 * h + i, scale2, bias2, scale, bias);
+    for (int j = 0; j < 2; ++j) {
+      const int quad = partner == 8 ? h + 2 * j : 2 * h + j;
+#pragma unroll
+      for (int n = 4 * quad; n < 4 * quad + 4; ++n) {
+        if (partner == 0) {
+          out[n] = affine_weight_neighbours<T, bits>(f.words, n, scale2, bias2, scale, bias);
+        } else if ((n / partner) % 2 == 0) {
+          out[n] = affine_weight_neighbours<T, bits>(
+              f.words, n, scale2, bias2, scale, bias, &out[n + partner]);
+        }
+      }
     }
-    dst[2 * h] = make_uint4(pairs[0], pairs[1], pairs[2], pairs[3]);
-    dst[2 * h + 1] = make_uint4(pairs[4], pairs[5], pairs[6], pairs[7]);
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      const int quad = partner == 8 ? h + 2 * j : 2 * h + j;
+      dst[quad] = make_uint4(out[4 * quad], out[4 * quad + 1], out[4 * quad + 2], out[4 * quad + 3]);
+    }
   }
 };
 
