@@ -234,6 +234,49 @@ __device__ __forceinline__ unsigned int affine_weight_pair(
   }
 }
 
+// Bytes b0, b1, b2, b3 of a little-endian byte stream held in words, as
+// bytes 0-3 of one word: one byte permute where they sit in at most two
+// words, else three. With the indices known at compile time (unrolled
+// loops) the choice and the selectors fold away.
+__device__ __forceinline__ unsigned int
+affine_gather_bytes(const unsigned int* words, int b0, int b1, int b2, int b3) {
+  const int w0 = b0 / 4, w1 = b1 / 4, w2 = b2 / 4, w3 = b3 / 4;
+  const int other = w1 != w0 ? w1 : (w2 != w0 ? w2 : w3);
+  if ((w2 == w0 || w2 == other) && (w3 == w0 || w3 == other)) {
+    auto pick = [&](int b) { return (b / 4 == w0 ? 0 : 4) + b % 4; };
+    const unsigned int select = pick(b0) | (pick(b1) << 4) | (pick(b2) << 8) | (pick(b3) << 12);
+    return __byte_perm(words[w0], words[other], select);
+  }
+  const unsigned int low =
+      __byte_perm(words[w0], words[w1], (b0 % 4) | ((b1 % 4 + (w1 != w0 ? 4 : 0)) << 4));
+  const unsigned int high =
+      __byte_perm(words[w2], words[w3], (b2 % 4) | ((b3 % 4 + (w3 != w2 ? 4 : 0)) << 4));
+  return __byte_perm(low, high, 0x5410);
+}
+
+// Pair q (0-7) of a 16-code stream of a width whose codes straddle words
+// (3, 5 or 6 bits; stream[] holds its 2 * bits bytes from byte 0): codes q
+// and q + 8, as two weights in T. Code q + 8 sits exactly `bits` bytes
+// after code q, so the two bytes under each code, gathered side by side,
+// put both codes at the same offset of their 16-bit halves (a code spans at
+// most two bytes), and the packed dequantization of whole-word widths
+// applies. Used where a lane owns half a unit (the wgmma prefill).
+template <typename T, int bits>
+__device__ __forceinline__ unsigned int affine_stream_pair(
+    const unsigned int* stream,
+    int q,
+    typename AffineMma<T>::T2 scale2,
+    typename AffineMma<T>::T2 bias2) {
+  const int byte = bits * q / 8;
+  const int offset = bits * q % 8;
+  const int next = offset + bits > 8 ? 1 : 0;  // the code's second byte, if any
+  const unsigned int word =
+      affine_gather_bytes(stream, byte, byte + next, byte + bits, byte + bits + next);
+  // The packed path needs the code under 2^m in each half.
+  const int shift = offset + bits > AffineMma<T>::magic_bits ? offset : 0;
+  return affine_dequant_pair<T, bits>(word >> shift, offset - shift, scale2, bias2);
+}
+
 // Weights 2n and 2n + 1 of a unit (natural order, as a tile in shared
 // memory wants them) from the pairs above: one byte permute of the two
 // pairs that hold them. The same two pairs, other halves, hold neighbour

@@ -1,5 +1,5 @@
 // MLX affine mat-mat on Hopper tensor cores through wgmma (CUDA sm_90a only;
-// half and bfloat16; bits 1, 2, 4, 8): the prefill kernel where the GPU has
+// half and bfloat16; every width): the prefill kernel where the GPU has
 // wgmma. Same tiles, inputs and grid as affine_qmm_mma.cu (which the tests
 // hold it to through the portable affine_qmm.metal).
 //
@@ -19,11 +19,16 @@
 // 128 bytes of the step.
 //
 // k order: within a unit, position pair P (values 2P, 2P + 1 of the tile
-// row) holds code pair P of AffinePairs (codes lo(P) and hi(P)). Lane t
+// row) holds code pair P of Order (codes lo(P) and hi(P)). Lane t
 // dequantizes step pairs 8 t .. 8 t + 7 (unit t / 2, which makes 16-byte
 // chunks 2 t and 2 t + 1 of the row). The activations are staged in the same
 // order; the pairs of one code word only mix the activations under that
 // word, so a thread permutes the bytes it loaded in place.
+// Widths whose codes straddle words (3, 5, 6 bits) cannot give every lane
+// the same work from whole words, so there a lane's half unit (16 codes,
+// 2 bits bytes) is a byte stream of its own, shifted down to byte 0, and
+// pair q of it is codes q and q + 8 (affine_stream_pair): the k order of 2
+// bits, whose 16-code words pair the same way.
 //
 // Pipeline, step k: fence and barrier (step k's stage, written during step
 // k - 1, is visible to the tensor cores); issue four wgmma on it; then
@@ -32,24 +37,31 @@
 // step k + 1 + X_SETS's; wait until only step k's wgmma is in flight. The stage
 // written in step k was last read by step k - 2's wgmma, which both
 // warpgroups finished before the barrier of step k.
-// Template: T, bits (1, 2, 4 or 8), group_size, BM (64, 128 or 256).
+// Template: T, bits, group_size, BM (64, 128 or 256).
 typedef AffineMma<T> Mma;
 typedef typename Mma::T2 T2;
 typedef AffinePairs<bits> Pairs;
+constexpr bool WHOLE_WORDS = Pairs::whole_words;
+typedef AffinePairs<WHOLE_WORDS ? bits : 2> Order;  // the k order (see above)
 constexpr int BN = 128;  // weight rows per block
 constexpr int X_STAGE_BYTES = BM * 128;  // BM rows of 64 16-bit values
 constexpr int W_STAGE_BYTES = BN * 128;
 constexpr int STAGES = 3;
 constexpr int ACC = BM / 2;  // accumulators per thread (64 x BM per warpgroup)
-// A lane's code pairs of a row and step, and the words holding them.
+// A lane's code pairs of a row and step, and the words holding them: at
+// straddling widths, the words under its half unit (which starts 0 or 2
+// bytes into a word) and the stream words they shift into.
 constexpr int LANE_PAIRS = 8;
-constexpr int LANE_WORDS =
-    LANE_PAIRS >= Pairs::half_word ? LANE_PAIRS / Pairs::half_word : 1;
+constexpr int HALF_UNIT_BYTES = 2 * bits;
+constexpr int STREAM_WORDS = (HALF_UNIT_BYTES + 3) / 4;
+constexpr int LANE_WORDS = WHOLE_WORDS
+    ? (LANE_PAIRS >= Pairs::half_word ? LANE_PAIRS / Pairs::half_word : 1)
+    : (HALF_UNIT_BYTES + HALF_UNIT_BYTES % 4 + 3) / 4;
 // Groups a step's two units span: two at group 32, else one.
 constexpr int STEP_GROUPS = group_size == AFFINE_UNIT ? 2 : 1;
 // Activation staging: a thread moves X_CHUNK bytes of one row's step, whole
 // code words' worth (so the pair permute stays inside them) and at least 16.
-constexpr int X_CHUNK = 64 / bits > 16 ? 64 / bits : 16;
+constexpr int X_CHUNK = 2 * Order::per_word > 16 ? 2 * Order::per_word : 16;
 constexpr int X_REGIONS = 128 / X_CHUNK;  // per row and step
 constexpr int X_WORDS = X_CHUNK / 4;
 constexpr int X_ITEMS = (BM * X_REGIONS + 255) / 256;  // per thread
@@ -90,12 +102,14 @@ const size_t row_hi = static_cast<size_t>(expert) * N + min(n0 + row + 8, N - 1)
 const AffineRowPair<T> rows(
     w, scales, biases, row_lo, row_hi, words_per_row, groups_per_row);
 // Where the lane's code pairs sit: unit lane_unit of the step, word
-// lane_word of the unit on, shifted down by lane_shift so that they are
-// the first pairs of the words.
+// lane_word of the unit on, shifted down by lane_shift bits so that they
+// are the first pairs of the words (straddling widths: so that its half
+// unit starts at bit 0).
 const int lane_unit = t >> 1;
 const int lane_pair0 = LANE_PAIRS * (t & 1);
-const int lane_word = lane_pair0 / Pairs::half_word;
-const int lane_shift = bits * (lane_pair0 % Pairs::half_word);
+const int lane_word = WHOLE_WORDS ? lane_pair0 / Pairs::half_word : HALF_UNIT_BYTES * (t & 1) / 4;
+const int lane_shift =
+    WHOLE_WORDS ? bits * (lane_pair0 % Pairs::half_word) : 8 * (HALF_UNIT_BYTES * (t & 1) % 4);
 // The quad's scale and bias values of a step: array a (scale lo, bias lo,
 // scale hi, bias hi) of the step's unit u sits on quad lane
 // STEP_GROUPS == 1 ? a : 2 (a % 2) + u, in half a / 2 of its packed word.
@@ -120,9 +134,18 @@ auto fetch = [&](Fetched& f, int kt) {
   f.valid = u < units;  // a unit past K: zero weights
   const int uc = min(u, units - 1);
   // AffineUnit<n> loads n consecutive words as one vector where n is 2 or
-  // 4; the lane's words start at a multiple of LANE_WORDS, so they align.
-  AffineUnit<LANE_WORDS>::load(rows.w_lo + uc * bits + lane_word, f.lo);
-  AffineUnit<LANE_WORDS>::load(rows.w_hi + uc * bits + lane_word, f.hi);
+  // 4; at whole-word widths the lane's words start at a multiple of
+  // LANE_WORDS, so they align. Straddling widths load word by word.
+  if constexpr (WHOLE_WORDS) {
+    AffineUnit<LANE_WORDS>::load(rows.w_lo + uc * bits + lane_word, f.lo);
+    AffineUnit<LANE_WORDS>::load(rows.w_hi + uc * bits + lane_word, f.hi);
+  } else {
+#pragma unroll
+    for (int i = 0; i < LANE_WORDS; ++i) {
+      f.lo[i] = rows.w_lo[uc * bits + lane_word + i];
+      f.hi[i] = rows.w_hi[uc * bits + lane_word + i];
+    }
+  }
   const int group_unit = min(2 * kt + sb_unit, units - 1);
 #pragma unroll
   for (int j = 0; j < STEP_GROUPS; ++j) {
@@ -154,17 +177,33 @@ auto store_w = [&](const Fetched& f, int buf) {
   const T2 sh2 = Mma::splat(sb[2]), bh2 = Mma::splat(sb[3]);
   const float slf = static_cast<float>(sb[0]), blf = static_cast<float>(sb[1]);
   const float shf = static_cast<float>(sb[2]), bhf = static_cast<float>(sb[3]);
-  uint32_t lo[LANE_WORDS], hi[LANE_WORDS];
-#pragma unroll
-  for (int i = 0; i < LANE_WORDS; ++i) {
-    lo[i] = f.lo[i] >> lane_shift;
-    hi[i] = f.hi[i] >> lane_shift;
-  }
   uint32_t vlo[LANE_PAIRS], vhi[LANE_PAIRS];
+  if constexpr (WHOLE_WORDS) {
+    uint32_t lo[LANE_WORDS], hi[LANE_WORDS];
 #pragma unroll
-  for (int i = 0; i < LANE_PAIRS; ++i) {
-    vlo[i] = affine_weight_pair<T, bits>(lo, i, sl2, bl2, slf, blf);
-    vhi[i] = affine_weight_pair<T, bits>(hi, i, sh2, bh2, shf, bhf);
+    for (int i = 0; i < LANE_WORDS; ++i) {
+      lo[i] = f.lo[i] >> lane_shift;
+      hi[i] = f.hi[i] >> lane_shift;
+    }
+#pragma unroll
+    for (int i = 0; i < LANE_PAIRS; ++i) {
+      vlo[i] = affine_weight_pair<T, bits>(lo, i, sl2, bl2, slf, blf);
+      vhi[i] = affine_weight_pair<T, bits>(hi, i, sh2, bh2, shf, bhf);
+    }
+  } else {
+    uint32_t lo[STREAM_WORDS], hi[STREAM_WORDS];
+#pragma unroll
+    for (int i = 0; i < STREAM_WORDS; ++i) {
+      const uint32_t lo_next = i + 1 < LANE_WORDS ? f.lo[i + 1] : 0u;
+      const uint32_t hi_next = i + 1 < LANE_WORDS ? f.hi[i + 1] : 0u;
+      lo[i] = __funnelshift_r(f.lo[i], lo_next, lane_shift);
+      hi[i] = __funnelshift_r(f.hi[i], hi_next, lane_shift);
+    }
+#pragma unroll
+    for (int i = 0; i < LANE_PAIRS; ++i) {
+      vlo[i] = affine_stream_pair<T, bits>(lo, i, sl2, bl2);
+      vhi[i] = affine_stream_pair<T, bits>(hi, i, sh2, bh2);
+    }
   }
 #pragma unroll
   for (int c = 0; c < 2; ++c) {
@@ -229,7 +268,7 @@ auto store_x = [&](const XFetched& xf, int buf) {
       uint32_t v[X_WORDS];
 #pragma unroll
       for (int j = 0; j < X_WORDS; ++j) {
-        v[j] = Pairs::x_pair(xf.words[q], j);
+        v[j] = Order::x_pair(xf.words[q], j);
       }
 #pragma unroll
       for (int c = 0; c < X_CHUNK / 16; ++c) {

@@ -221,8 +221,6 @@ _WGMMA_TALL_BITS = (1, 2, 4)
 _QMM_WGMMA_TALL = dataclasses.replace(
     _QMM_WGMMA, shared_memory=_wgmma_shared_bytes(_WGMMA_TALL_ROWS)
 )
-# Widths whose codes pair within words (AffinePairs' whole_words): 1, 2, 4, 8.
-_WGMMA_BITS = tuple(b for b in AFFINE_BITS if WORD_BITS % b == 0)
 _WGMMA_ARCHITECTURES = ("sm_90",)  # wgmma exists on sm_90a alone
 _THREADS = 256  # elementwise kernels: threads per threadgroup
 _SIMD = 32
@@ -786,10 +784,11 @@ def _tensor_cores(stream, dtype) -> bool:
     return backend(stream) == "cuda" and dtype != mx.float32
 
 
-def _wgmma(bits: int) -> bool:
+def _wgmma() -> bool:
     """Whether the tiled kernel is the wgmma one (kernels/affine_qmm_wgmma.cu):
-    a Hopper GPU, and codes that pair within words."""
-    return bits in _WGMMA_BITS and _backend.gpu_architecture() in _WGMMA_ARCHITECTURES
+    a Hopper GPU, at every width (those whose codes straddle words, 3, 5 and
+    6 bits, dequantize half units as byte streams there)."""
+    return _backend.gpu_architecture() in _WGMMA_ARCHITECTURES
 
 
 def _qmv_max_rows(stream, dtype) -> int:
@@ -992,7 +991,7 @@ def _matmul_rows_plan(
         spec, (tile_rows, columns, threads) = _QMM_MMA, _MMA_TILE
         if longest >= _MMA_TALL_ROWS:
             tile_rows = _MMA_TALL_ROWS
-        if _wgmma(bits):
+        if _wgmma():
             spec = _QMM_WGMMA  # same tiles, grid and inputs
             if longest >= _WGMMA_TALL_ROWS and bits in _WGMMA_TALL_BITS:
                 spec, tile_rows = _QMM_WGMMA_TALL, _WGMMA_TALL_ROWS

@@ -323,11 +323,11 @@ def _check_prefill(dtype, bits, group_size, rows):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", (mx.float16, mx.bfloat16), ids=("f16", "bf16"))
-@pytest.mark.parametrize("bits", [b for b in BITS if 32 % b == 0])
+@pytest.mark.parametrize("bits", BITS)
 def test_quantized_matmul_prefill_off_hopper(monkeypatch, dtype, bits):
-    # An H100 runs the whole-word widths' prefill on the wgmma tile; this
-    # runs the mma.sync tile that other NVIDIA GPUs (A100, L40, Blackwell)
-    # take for them, by making the op see another architecture.
+    # A Hopper GPU runs every width's prefill on the wgmma tile; this runs
+    # the mma.sync tile that other NVIDIA GPUs (A100, L40, Blackwell) take,
+    # by making the op see another architecture.
     from conftest import on_path
 
     if mqo._backend.gpu_backend() != "cuda":
@@ -379,8 +379,8 @@ def test_quantized_matmul_batch_dims(path, x_shape, w_batch, dtype):
 def test_quantized_matmul_batched_weights_many_rows(path, dtype, bits):
     # A batch of weights, each with enough x rows for the tiled kernels: the
     # tiles of different weights share one launch and each reads its own
-    # weight's rows (on an H100, 4 bits takes the wgmma tile and 3 bits the
-    # mma.sync one). N is odd; x batches broadcast against w's.
+    # weight's rows (on Hopper the wgmma tile: 4 bits from whole words, 3
+    # bits from half-unit streams). N is odd; x batches broadcast against w's.
     group_size = 64
     w_q, scales, biases = _weights((3, 70, 128), dtype, group_size, bits, seed=bits)
     for x_shape in ((3, 40, 128), (2, 1, 150, 128)):
@@ -936,8 +936,8 @@ def test_dispatcher_picks_kernel_by_shape():
     assert picked(stream_qmm(1, k=2048)) == [("affine_qmv_mma", 1)]
     assert picked(stream_qmm(1, bits=8)) == [("affine_qmv_mma", 1)]
     assert picked(stream_qmm(17)) == [("affine_qmm_wgmma", None)]
-    # Past 16 rows, the tensor-core tile: wgmma on Hopper where codes pair
-    # within words, mma.sync for 3, 5 and 6 bits and on other GPUs.
+    # Past 16 rows, the tensor-core tile: wgmma on Hopper at every width,
+    # mma.sync on other GPUs.
     assert picked(qmm(17)) == [("affine_qmm_wgmma", None)]
     assert picked(qmm(17), "sm_80") == [("affine_qmm_mma", None)]
     assert picked(qmm(17), "sm_100") == [("affine_qmm_mma", None)]
@@ -945,7 +945,8 @@ def test_dispatcher_picks_kernel_by_shape():
     three_bits = lambda: mqo.quantized_matmul(
         mx.zeros((17, 256), mx.float16), *w3, bits=3
     )
-    assert picked(three_bits) == [("affine_qmm_mma", None)]
+    assert picked(three_bits) == [("affine_qmm_wgmma", None)]
+    assert picked(three_bits, "sm_80") == [("affine_qmm_mma", None)]
 
     def tile_rows(fn, architecture=HOPPER):
         return [dict(l.template)["BM"] for l in record_launches(fn, architecture)]

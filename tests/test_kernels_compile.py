@@ -218,7 +218,10 @@ def test_recorder_sees_every_gguf_kernel():
 
 
 def test_recorder_sees_every_affine_kernel():
-    names = {d.name for d in _definitions("affine")}
+    definitions = _definitions("affine")
+    names = {d.name for d in definitions}
+    # A Hopper GPU takes every width's prefill on the wgmma tile; the
+    # mma.sync one is for other GPUs (the pre-Hopper exercise below).
     assert names == {
         "affine_quantize",
         "affine_dequantize",
@@ -227,9 +230,15 @@ def test_recorder_sees_every_affine_kernel():
         "affine_qmv_stream",
         "affine_qmm",
         "affine_qmm_n",
-        "affine_qmm_mma",
         "affine_qmm_wgmma",
     }
+    wgmma_bits = {
+        dict(launch.template)["bits"]
+        for definition, launches in definitions.items()
+        if definition.name == "affine_qmm_wgmma"
+        for launch in launches
+    }
+    assert wgmma_bits == set(mqo.affine.AFFINE_BITS)
 
 
 def test_recorder_sees_the_pre_hopper_prefill_tile():
