@@ -306,14 +306,15 @@ def test_quantized_matmul_streamed_decode_misaligned_views(path, monkeypatch, bi
 @pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("group_size", GROUP_SIZES)
 def test_quantized_matmul_prefill_bits(path, dtype, bits, group_size):
-    _check_prefill(dtype, bits, group_size, rows=(40, 100, 201))
+    _check_prefill(dtype, bits, group_size, rows=(40, 100, 201, 300))
 
 
 def _check_prefill(dtype, bits, group_size, rows):
     # Many rows per weight (the tiled kernel), N not a multiple of its tile,
     # K an odd number of 32-value units (the tensor-core tile steps over K
     # two units at a time, so its last step is half empty at group 32).
-    # Rows past 128 take the taller tensor-core tile.
+    # Rows past 128 take the taller tensor-core tile, and past 256 the
+    # tallest wgmma one (its second row tile mostly empty).
     n, k = 200, 5 * group_size
     w_q, scales, biases = _weights((n, k), dtype, group_size, bits, seed=bits)
     for m in rows:
@@ -952,9 +953,12 @@ def test_dispatcher_picks_kernel_by_shape():
         return [dict(l.template)["BM"] for l in record_launches(fn, architecture)]
 
     assert tile_rows(qmm(128)) == [128]
-    # 256 rows take the m64n256 wgmma tile at up to 4 bits, on Hopper only.
+    # 256 rows take the m64n256 wgmma tile below 8 bits, on Hopper only.
     assert tile_rows(qmm(256)) == [256]
     assert tile_rows(qmm(256), "sm_80") == [128]
+    assert tile_rows(
+        lambda: mqo.quantized_matmul(mx.zeros((256, 256), mx.float16), *w3, bits=3)
+    ) == [256]
     w8 = _packed((300, 256), 8, 64, mx.float16)
     eight_bits = lambda: mqo.quantized_matmul(
         mx.zeros((256, 256), mx.float16), *w8, bits=8

@@ -80,18 +80,22 @@ def _affine_calls(dtype, bits, group_size, decode_rows=(1,), prefill=True):
 def _tall_prefill():
     """Prefill with 128 and 256 x rows, the tile heights the tensor-core
     kernels take for long prompts (the calls above stay at 64; 256 is
-    Hopper's alone), in half and bfloat16."""
-    w_q, scales, biases = mqo.quantize(mx.zeros((40, 128), mx.float16))
-    return [
-        mqo.quantized_matmul(
-            mx.zeros((rows, 128), dtype),
-            w_q,
-            scales.astype(dtype),
-            biases.astype(dtype),
-        )
-        for dtype in (mx.float16, mx.bfloat16)
-        for rows in (128, 256)
-    ]
+    Hopper's alone), in half and bfloat16, at every width."""
+    outputs = []
+    for bits in mqo.affine.AFFINE_BITS:
+        w_q, scales, biases = mqo.quantize(mx.zeros((40, 128), mx.float16), bits=bits)
+        outputs += [
+            mqo.quantized_matmul(
+                mx.zeros((rows, 128), dtype),
+                w_q,
+                scales.astype(dtype),
+                biases.astype(dtype),
+                bits=bits,
+            )
+            for dtype in (mx.float16, mx.bfloat16)
+            for rows in (128, 256)
+        ]
+    return outputs
 
 
 def exercise_affine():
