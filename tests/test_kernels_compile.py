@@ -221,6 +221,16 @@ def test_recorder_sees_every_gguf_kernel():
     }
 
 
+def _widths(definitions, name):
+    """The bit widths the recorded launches of kernel ``name`` were built for."""
+    return {
+        dict(launch.template)["bits"]
+        for definition, launches in definitions.items()
+        if definition.name == name
+        for launch in launches
+    }
+
+
 def test_recorder_sees_every_affine_kernel():
     definitions = _definitions("affine")
     names = {d.name for d in definitions}
@@ -236,25 +246,13 @@ def test_recorder_sees_every_affine_kernel():
         "affine_qmm_n",
         "affine_qmm_wgmma",
     }
-    wgmma_bits = {
-        dict(launch.template)["bits"]
-        for definition, launches in definitions.items()
-        if definition.name == "affine_qmm_wgmma"
-        for launch in launches
-    }
-    assert wgmma_bits == set(mqo.affine.AFFINE_BITS)
+    assert _widths(definitions, "affine_qmm_wgmma") == set(mqo.affine.AFFINE_BITS)
 
 
 def test_recorder_sees_the_pre_hopper_prefill_tile():
     definitions = _definitions("affine_pre_hopper")
     assert "affine_qmm_wgmma" not in {d.name for d in definitions}
-    mma_bits = {
-        dict(launch.template)["bits"]
-        for definition, launches in definitions.items()
-        if definition.name == "affine_qmm_mma"
-        for launch in launches
-    }
-    assert mma_bits == set(mqo.affine.AFFINE_BITS)
+    assert _widths(definitions, "affine_qmm_mma") == set(mqo.affine.AFFINE_BITS)
 
 
 def test_compile_catches_a_broken_body(nvcc):
