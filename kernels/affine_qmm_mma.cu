@@ -1,5 +1,6 @@
 // MLX affine mat-mat on tensor cores (CUDA only; half and bfloat16): the
-// prefill and MoE-prefill kernel of the cuda path. Same tiles and inputs as
+// prefill and MoE-prefill kernel of the cuda path on GPUs without wgmma
+// (Hopper takes affine_qmm_wgmma.cu at every width). Same tiles and inputs as
 // affine_qmm.metal (the portable body, which the tests hold it to).
 //
 // Block: 256 threads (8 warps) computing BM (64 or 128) rows x BN = 128

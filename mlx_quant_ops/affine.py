@@ -215,8 +215,9 @@ _QMM_WGMMA = KernelSpec(
 # With 256 x rows a block (m64n256 per warpgroup) each dequantized weight
 # serves twice the tokens; it pays once an expert has that many rows (at 3,
 # 5 and 6 bits, 512 x 14336 x 4096 in 162-183 us against 210-252 on the
-# 128-row tile, H200). At 8 bits its registers would spill (nvcc 13.0 for
-# sm_90a), so 8 bits stays at 128.
+# 128-row tile, H200). 8 bits stays at 128: its 256-row build spilled
+# registers when this tile was made; today ptxas (CUDA 13.0, sm_90a) fits
+# it in 255 without spilling, but it has not been timed.
 _WGMMA_TALL_ROWS = 256
 _WGMMA_TALL_BITS = (1, 2, 3, 4, 5, 6)
 _QMM_WGMMA_TALL = dataclasses.replace(
