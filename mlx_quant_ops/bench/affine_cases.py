@@ -22,7 +22,7 @@ FORMATS = (
     (4, 32, ((4096, 14336),)),
     (8, 32, ((4096, 14336),)),
 )
-# Other widths: decode only, on one shape.
+# Other widths: one-row decode and prefill, on one shape.
 OTHER_BITS = ((2, 64), (3, 64), (5, 64), (6, 64))
 MOE_FULL = (128, 768, 2048, 8, (1, 8, 512))  # experts, N, K, top-k, tokens
 MOE_QUICK = (16, 64, 256, 4, (1, 32))
@@ -134,7 +134,7 @@ def cases(quick: bool):
             out += _matmul_cases(n, k, rows, bits, group_size)
     n, k = shapes[0] if quick else (4096, 14336)
     for bits, group_size in OTHER_BITS:
-        out += _matmul_cases(n, k, rows[:1], bits, group_size)
+        out += _matmul_cases(n, k, (rows[0], rows[-1]), bits, group_size)
     experts, n, k, top_k, token_counts = MOE_QUICK if quick else MOE_FULL
     for bits, group_size, _ in FORMATS:
         counts = token_counts if (bits, group_size) == (4, 64) else token_counts[::2]
