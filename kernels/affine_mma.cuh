@@ -247,11 +247,11 @@ affine_gather_bytes(const unsigned int* words, int b0, int b1, int b2, int b3) {
     const unsigned int select = pick(b0) | (pick(b1) << 4) | (pick(b2) << 8) | (pick(b3) << 12);
     return __byte_perm(words[w0], words[other], select);
   }
-  const unsigned int low =
-      __byte_perm(words[w0], words[w1], (b0 % 4) | ((b1 % 4 + (w1 != w0 ? 4 : 0)) << 4));
-  const unsigned int high =
-      __byte_perm(words[w2], words[w3], (b2 % 4) | ((b3 % 4 + (w3 != w2 ? 4 : 0)) << 4));
-  return __byte_perm(low, high, 0x5410);
+  // Bytes a and b (in words wa and wb) as bytes 0 and 1 of a word.
+  auto two = [&](int wa, int a, int wb, int b) {
+    return __byte_perm(words[wa], words[wb], (a % 4) | ((b % 4 + (wb != wa ? 4 : 0)) << 4));
+  };
+  return __byte_perm(two(w0, b0, w1, b1), two(w2, b2, w3, b3), 0x5410);
 }
 
 // Pair q (0-7) of a 16-code stream of a width whose codes straddle words

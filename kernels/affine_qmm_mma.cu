@@ -102,12 +102,13 @@ auto stage = [&](const Fetched& f, int buf) {
   // only eight results are live at once. Each half holds every neighbour's
   // partner (AffinePairs::partner), built with it from the same pairs.
   constexpr int partner = AffinePairs<bits>::partner;
+  auto quad_of = [](int h, int j) { return partner == 8 ? h + 2 * j : 2 * h + j; };
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     uint32_t out[16];
 #pragma unroll
     for (int j = 0; j < 2; ++j) {
-      const int quad = partner == 8 ? h + 2 * j : 2 * h + j;
+      const int quad = quad_of(h, j);
 #pragma unroll
       for (int n = 4 * quad; n < 4 * quad + 4; ++n) {
         if (partner == 0) {
@@ -120,7 +121,7 @@ auto stage = [&](const Fetched& f, int buf) {
     }
 #pragma unroll
     for (int j = 0; j < 2; ++j) {
-      const int quad = partner == 8 ? h + 2 * j : 2 * h + j;
+      const int quad = quad_of(h, j);
       dst[quad] = make_uint4(out[4 * quad], out[4 * quad + 1], out[4 * quad + 2], out[4 * quad + 3]);
     }
   }
