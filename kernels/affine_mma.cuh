@@ -311,6 +311,39 @@ __device__ __forceinline__ unsigned int affine_weight_neighbours(
   }
 }
 
+// The words of RUN consecutive units at p (RUN * bits of them) into words:
+// as 16-byte vectors where they make whole vectors and `aligned` says p is
+// on 16 bytes, else unit by unit as AffineUnit loads one (a single unit
+// keeps that load at every width: callers check nothing for it).
+template <int bits, int RUN>
+__device__ __forceinline__ void
+affine_load_run(const uint32_t* p, uint32_t* words, bool aligned) {
+  constexpr int count = RUN * bits;
+  if constexpr (RUN > 1 && count % 4 == 0) {
+    if (aligned) {
+      const uint4* v = reinterpret_cast<const uint4*>(p);
+#pragma unroll
+      for (int i = 0; i < count / 4; ++i) {
+        const uint4 q = v[i];
+        words[4 * i] = q.x;
+        words[4 * i + 1] = q.y;
+        words[4 * i + 2] = q.z;
+        words[4 * i + 3] = q.w;
+      }
+    } else {
+#pragma unroll
+      for (int i = 0; i < count; ++i) {
+        words[i] = p[i];
+      }
+    }
+  } else {
+#pragma unroll
+    for (int c = 0; c < RUN; ++c) {
+      AffineUnit<bits>::load(p + c * bits, words + c * bits);
+    }
+  }
+}
+
 // The activations of unit `unit` that lane (g, t) feeds to the mma as B:
 // 16 words (the unit's 32 values) from the x row of column g of each n8
 // tile j, read for tile 0 and for later tiles while `columns` (x rows in

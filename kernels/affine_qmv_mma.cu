@@ -11,9 +11,15 @@
 // all the per-weight work, for 1 x row or 16.
 //
 // Block: 16 weight rows (one m16 tile), KW warps splitting K. Lane (g, t)
-// (g = lane / 4, t = lane % 4) owns rows g and g + 8 and, in turn, the units
-// (32 values, `bits` words) u = first + 4 i + t of its warp's range, so the
-// four lanes of a row read 4 consecutive units. A unit gives 16 weight pairs
+// (g = lane / 4, t = lane % 4) owns rows g and g + 8 and, in turn, the runs
+// (RUN consecutive units of 32 values, `bits` words each) r = first + 4 i + t
+// of its warp's range, so the four lanes of a row read 4 consecutive runs.
+// A run of more than one unit is for widths whose unit is not a whole
+// 16-byte vector (3, 5 and 6 bits load a unit as 3-6 single words) but
+// whose runs are: a lane then loads its run as a few vectors (a w that is a
+// view at an odd offset, word by word). The host picks RUN where it
+// measured faster and where it divides K (see affine.py).
+// A unit gives 16 weight pairs
 // and 8 mma steps; step s takes pairs 2s and 2s + 1 as the k-columns
 // {2t, 2t + 1} and {2t + 8, 2t + 9} of the A fragment, and the activations
 // of the same pairs as the B fragment of x rows (columns) g. The dot product
@@ -23,7 +29,8 @@
 // x row out of range reads nothing and gives a NaN output row.
 // The KW partial sums meet in shared memory at the end of each run.
 // Template: T (__half or __nv_bfloat16), bits, group_size, XR (1..16), KW,
-// UNROLL (trips whose loads are in flight together).
+// UNROLL (trips whose loads are in flight together), RUN (1, 2 or 4; K a
+// multiple of RUN units).
 // Inputs: x [x rows, K], w [experts * N, K * bits / 32], scales, biases
 // [experts * N, K / group_size], slot_expert, slot_x [slots] (any integer
 // type), params [N, K, experts, x rows, slots]. Output: out [slots, N].
@@ -45,13 +52,20 @@ const int n0 = blockIdx.x * ROWS;
 const int slot0 = blockIdx.y * XR;
 const int count = min(XR, slots - slot0);
 const int units = K / AFFINE_UNIT;
-const int words_per_row = K / AFFINE_UNIT * bits;
+const int runs = units / RUN;
+const int words_per_row = units * bits;
 const int groups_per_row = K / group_size;
-const int u_first = warp * units / KW;
-const int u_last = (warp + 1) * units / KW;
+const int r_first = warp * runs / KW;
+const int r_last = (warp + 1) * runs / KW;
 // Every lane of a warp makes the same number of trips (mma.sync needs the
 // whole warp); lanes past the warp's range add zeros.
-const int trips = (u_last - u_first + 3) / 4;
+const int trips = (r_last - r_first + 3) / 4;
+// Rows start on 16 bytes when RUN * bits words do (they hold whole runs),
+// so only w's own address decides whether runs load as vectors.
+const bool w_aligned = (reinterpret_cast<size_t>(w) & 15) == 0;
+// A run's groups: one, or one for every group_size / 32 of its units.
+constexpr int RUN_GROUPS = RUN * AFFINE_UNIT > group_size ? RUN * AFFINE_UNIT / group_size : 1;
+constexpr int UNITS_PER_GROUP = RUN / RUN_GROUPS;
 const float nan_value = __int_as_float(0x7FC00000);
 
 for (int run = 0; run < count;) {
@@ -104,23 +118,28 @@ for (int run = 0; run < count;) {
   // reads a clamped unit and zeroes it by its scales), so all of a batch's
   // loads issue before any of its math.
   struct Batch {
-    uint32_t lo[UNROLL][bits];
-    uint32_t hi[UNROLL][bits];
-    T sl[UNROLL], bl[UNROLL], sh[UNROLL], bh[UNROLL];
-    int unit[UNROLL];
+    uint32_t lo[UNROLL][RUN * bits];
+    uint32_t hi[UNROLL][RUN * bits];
+    T sl[UNROLL][RUN_GROUPS], bl[UNROLL][RUN_GROUPS];
+    T sh[UNROLL][RUN_GROUPS], bh[UNROLL][RUN_GROUPS];
+    int unit[UNROLL];  // the run's first unit
     bool in_range[UNROLL];
   };
   auto load = [&](Batch& batch, int trip0) {
 #pragma unroll
     for (int r = 0; r < UNROLL; ++r) {
-      const int u = u_first + 4 * (trip0 + r) + t;
-      batch.in_range[r] = u < u_last;  // past the last trip, u is past u_last too
-      const int uc = min(u, u_last - 1);
+      const int run_index = r_first + 4 * (trip0 + r) + t;
+      // Past the last trip, run_index is past r_last too.
+      batch.in_range[r] = run_index < r_last;
+      const int uc = min(run_index, r_last - 1) * RUN;
       batch.unit[r] = uc;
-      AffineUnit<bits>::load(rows.w_lo + uc * bits, batch.lo[r]);
-      AffineUnit<bits>::load(rows.w_hi + uc * bits, batch.hi[r]);
-      rows.group(uc * AFFINE_UNIT / group_size, batch.sl[r], batch.bl[r],
-                 batch.sh[r], batch.bh[r]);
+      affine_load_run<bits, RUN>(rows.w_lo + uc * bits, batch.lo[r], w_aligned);
+      affine_load_run<bits, RUN>(rows.w_hi + uc * bits, batch.hi[r], w_aligned);
+#pragma unroll
+      for (int q = 0; q < RUN_GROUPS; ++q) {
+        rows.group((uc + q * UNITS_PER_GROUP) * AFFINE_UNIT / group_size,
+                   batch.sl[r][q], batch.bl[r][q], batch.sh[r][q], batch.bh[r][q]);
+      }
     }
   };
   // Activations are read here, not with the batch: they are few and hot
@@ -129,23 +148,27 @@ for (int run = 0; run < count;) {
   auto compute = [&](const Batch& batch) {
 #pragma unroll
     for (int r = 0; r < UNROLL; ++r) {
-      uint32_t xw[XT][16];
-      affine_load_x_unit<T, XT>(xw, xp, batch.unit[r], run_len);
-      // A lane past its range: zero weights (zero scale and bias) times
-      // the activations of a unit in range, which are finite unless x is
-      // not (and then the product is not finite either way).
-      const T zero = static_cast<T>(0.0f);
-      const bool ok = batch.in_range[r];
-      affine_unit_mma<T, bits, XT>(
-          acc[r],
-          batch.lo[r],
-          batch.hi[r],
-          ok ? batch.sl[r] : zero,
-          ok ? batch.bl[r] : zero,
-          ok ? batch.sh[r] : zero,
-          ok ? batch.bh[r] : zero,
-          xw,
-          run_len);
+#pragma unroll
+      for (int c = 0; c < RUN; ++c) {
+        uint32_t xw[XT][16];
+        affine_load_x_unit<T, XT>(xw, xp, batch.unit[r] + c, run_len);
+        // A lane past its range: zero weights (zero scale and bias) times
+        // the activations of a unit in range, which are finite unless x is
+        // not (and then the product is not finite either way).
+        const T zero = static_cast<T>(0.0f);
+        const bool ok = batch.in_range[r];
+        const int q = c / UNITS_PER_GROUP;
+        affine_unit_mma<T, bits, XT>(
+            acc[r],
+            batch.lo[r] + c * bits,
+            batch.hi[r] + c * bits,
+            ok ? batch.sl[r][q] : zero,
+            ok ? batch.bl[r][q] : zero,
+            ok ? batch.sh[r][q] : zero,
+            ok ? batch.bh[r][q] : zero,
+            xw,
+            run_len);
+      }
     }
   };
   for (int trip0 = 0; trip0 < trips; trip0 += UNROLL) {

@@ -243,6 +243,14 @@ _QMV_MMA_LONG_K = 12288
 _QMV_MMA_SINGLE_UNROLL = 1
 _QMV_MMA_WIDE_WARPS = 16
 _QMV_MMA_WIDE_FORMATS = ((8, 32),)
+# One x row at 6 bits: a lane loads runs of two consecutive units (12 words,
+# three 16-byte vectors) where K holds whole runs, in one-run trips, rather
+# than a unit's six words one by one: 4096x14336 21.3 us against 23.8,
+# 4096x2048 6.0 against 6.3 (H200, same process, twenty-fourth session).
+# Runs lost or tied everywhere else: 3 and 5 bits (runs of 4 units, 12 and
+# 20 words), 2, 4 and 8 bits, and at 8 x rows.
+_QMV_MMA_RUNS = {6: 2}
+_UNIT_VALUES = 32  # a unit of codes, AFFINE_UNIT in kernels/affine.h
 _QMM_TILE = (32, 64, 128)  # kernels/affine_qmm.metal (and _n): BM, BN, threads
 _MMA_TILE = (64, 128, 256)  # kernels/affine_qmm_mma.cu: BM, BN, threads
 # Its taller tile (BM = 128) halves the dequantization per output; it pays
@@ -800,18 +808,22 @@ def _qmv_max_rows(stream, dtype) -> int:
 
 def _qmv_mma_shape(
     blocks: int, k: int, x_rows: int, bits: int, group_size: int
-) -> Tuple[int, int]:
-    """``(KW, UNROLL)`` of the tensor-core mat-vec: warps splitting K in a
-    block, more when the blocks alone would not fill the GPU and K is long
-    enough to share; and units per lane whose loads are in flight together
-    (see _QMV_MMA_LONG_K for where one x row takes other values)."""
+) -> Tuple[int, int, int]:
+    """``(KW, UNROLL, RUN)`` of the tensor-core mat-vec: warps splitting K
+    in a block, more when the blocks alone would not fill the GPU and K is
+    long enough to share; trips per lane whose loads are in flight
+    together (see _QMV_MMA_LONG_K for where one x row takes other values);
+    and consecutive units a trip takes (see _QMV_MMA_RUNS)."""
     few = blocks < _QMV_MMA_FEW_BLOCKS
     warps = 8 if few and k >= 64 * WORD_BITS else 4
+    run = _QMV_MMA_RUNS.get(bits, 1) if x_rows == 1 else 1
+    if run > 1 and k % (run * _UNIT_VALUES) == 0:
+        return warps, _QMV_MMA_SINGLE_UNROLL, run
     if x_rows > 1 or not few or k < _QMV_MMA_LONG_K or bits == 4:
-        return warps, _QMV_MMA_UNROLL
+        return warps, _QMV_MMA_UNROLL, 1
     if (bits, group_size) in _QMV_MMA_WIDE_FORMATS:
         warps = _QMV_MMA_WIDE_WARPS
-    return warps, _QMV_MMA_SINGLE_UNROLL
+    return warps, _QMV_MMA_SINGLE_UNROLL, 1
 
 
 def _qmv_launcher(
@@ -848,8 +860,8 @@ def _qmv_launcher(
     if _tensor_cores(stream, dtype):
         spec, columns = _QMV_MMA, _QMV_MMA_ROWS
         blocks = -(-n // columns) * n_tiles
-        warps, unroll = _qmv_mma_shape(blocks, k, x_rows, bits, group_size)
-        template += [("KW", warps), ("UNROLL", unroll)]
+        warps, unroll, run = _qmv_mma_shape(blocks, k, x_rows, bits, group_size)
+        template += [("KW", warps), ("UNROLL", unroll), ("RUN", run)]
         threads = warps * _SIMD
     else:
         spec = _QMV

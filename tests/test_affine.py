@@ -210,11 +210,15 @@ def test_quantized_matmul_decode_bits(path, dtype, bits, group_size):
     # a multiple of its 16-row tile, K an odd number of 32-value units so
     # the split over warps and lanes is uneven, one and two n8 tiles of x.
     # One row of K past _QMV_MMA_LONG_K takes one-unit trips (and 16 warps
-    # for 8-bit group-32 codes), again with an uneven split.
+    # for 8-bit group-32 codes), again with an uneven split. One row at 6
+    # bits takes runs of two units wherever K holds whole runs (36 units: 18
+    # runs over 4 warps; the long K over 8), and single units where it does
+    # not (11 units).
     kind = KINDS[bits % len(KINDS)]
     n = 37
     long_k = (mqo.affine._QMV_MMA_LONG_K // 128 + 1) * 128  # whole groups of 128
-    for k, rows in ((11 * group_size, (1, 13)), (long_k, (1,))):
+    cases = ((11 * group_size, (1, 13)), (36 * 32, (1, 13)), (long_k, (1,)))
+    for k, rows in cases:
         w_q, scales, biases = _weights((n, k), dtype, group_size, bits, kind, bits)
         for m in rows:
             x = _x((m, k), dtype, seed=m + bits)
@@ -911,21 +915,28 @@ def test_dispatcher_picks_kernel_by_shape():
     for bits in (2, 3, 5, 6):
         assert picked(stream_qmm(1, bits=bits)) == [("affine_qmv_stream", 8)]
 
-    # The register-batch mat-vec's warps and trip length: 8 warps and
+    # The register-batch mat-vec's warps, trip length and run: 8 warps and
     # two-unit trips for a few blocks, one-unit trips for one row of K past
-    # 12288 at widths other than 4 bits, 16 warps for 8-bit group 32 there.
-    def warps_unroll(m, k, bits, group_size=64):
+    # 12288 at 1, 2, 3, 5 and 8 bits, 16 warps for 8-bit group 32 there;
+    # one row at 6 bits takes runs of two units where K holds whole runs.
+    def shape(m, k, bits, group_size=64):
         (launch,) = record_launches(stream_qmm(m, k, bits, group_size))
         assert launch.kernel.name == "affine_qmv_mma"
-        return dict(launch.template)["KW"], dict(launch.template)["UNROLL"]
+        template = dict(launch.template)
+        return template["KW"], template["UNROLL"], template["RUN"]
 
-    assert warps_unroll(1, 14336, 4) == (8, 2)
-    assert warps_unroll(1, 14336, 5) == (8, 1)
-    assert warps_unroll(1, 14336, 8) == (8, 1)
-    assert warps_unroll(1, 14336, 8, group_size=32) == (16, 1)
-    assert warps_unroll(8, 14336, 8, group_size=32) == (8, 2)
-    assert warps_unroll(1, 4096, 8, group_size=32) == (8, 2)
-    assert warps_unroll(1, 1024, 8, group_size=32) == (4, 2)
+    assert shape(1, 14336, 4) == (8, 2, 1)
+    assert shape(1, 14336, 2) == (8, 1, 1)
+    assert shape(1, 14336, 8) == (8, 1, 1)
+    assert shape(1, 14336, 8, group_size=32) == (16, 1, 1)
+    assert shape(8, 14336, 8, group_size=32) == (8, 2, 1)
+    assert shape(1, 4096, 8, group_size=32) == (8, 2, 1)
+    assert shape(1, 1024, 8, group_size=32) == (4, 2, 1)
+    assert shape(1, 14336, 5) == (8, 1, 1)
+    assert shape(1, 14336, 6) == (8, 1, 2)
+    assert shape(1, 2048, 6) == (8, 1, 2)
+    assert shape(1, 2048 + 32, 6, group_size=32) == (8, 2, 1)  # 65 units: no runs
+    assert shape(8, 14336, 6) == (8, 2, 1)
     # The staged row's pair-order copy fits beside the stages at K = 4096
     # and not at 8192 (rewritten in place there).
     for k, copied in ((4096, 1), (8192, 0)):
