@@ -213,13 +213,12 @@ _QMM_WGMMA = KernelSpec(
     shared_memory=_wgmma_shared_bytes(128),
 )
 # With 256 x rows a block (m64n256 per warpgroup) each dequantized weight
-# serves twice the tokens; it pays once an expert has that many rows (at 3,
-# 5 and 6 bits, 512 x 14336 x 4096 in 162-183 us against 210-252 on the
-# 128-row tile, H200). 8 bits stays at 128: its 256-row build spilled
-# registers when this tile was made; today ptxas (CUDA 13.0, sm_90a) fits
-# it in 255 without spilling, but it has not been timed.
+# serves twice the tokens; it pays once an expert has that many rows, at
+# every width (H200, 512 x 14336 x 4096 and 512 x 4096 x 14336: 3, 5 and 6
+# bits 162-183 us against 210-252 on the 128-row tile; 8 bits, group 32,
+# 171-188 against 205-218, where ptxas keeps it in 255 registers with a
+# 4-byte spill).
 _WGMMA_TALL_ROWS = 256
-_WGMMA_TALL_BITS = (1, 2, 3, 4, 5, 6)
 _QMM_WGMMA_TALL = dataclasses.replace(
     _QMM_WGMMA, shared_memory=_wgmma_shared_bytes(_WGMMA_TALL_ROWS)
 )
@@ -1007,7 +1006,7 @@ def _matmul_rows_plan(
             tile_rows = _MMA_TALL_ROWS
         if _wgmma():
             spec = _QMM_WGMMA  # same tiles, grid and inputs
-            if longest >= _WGMMA_TALL_ROWS and bits in _WGMMA_TALL_BITS:
+            if longest >= _WGMMA_TALL_ROWS:
                 spec, tile_rows = _QMM_WGMMA_TALL, _WGMMA_TALL_ROWS
         template.append(("BM", tile_rows))
     else:

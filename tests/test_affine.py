@@ -964,7 +964,7 @@ def test_dispatcher_picks_kernel_by_shape():
         return [dict(l.template)["BM"] for l in record_launches(fn, architecture)]
 
     assert tile_rows(qmm(128)) == [128]
-    # 256 rows take the m64n256 wgmma tile below 8 bits, on Hopper only.
+    # 256 rows take the m64n256 wgmma tile at every width, on Hopper only.
     assert tile_rows(qmm(256)) == [256]
     assert tile_rows(qmm(256), "sm_80") == [128]
     assert tile_rows(
@@ -974,7 +974,7 @@ def test_dispatcher_picks_kernel_by_shape():
     eight_bits = lambda: mqo.quantized_matmul(
         mx.zeros((256, 256), mx.float16), *w8, bits=8
     )
-    assert tile_rows(eight_bits) == [128]
+    assert tile_rows(eight_bits) == [256]
     assert picked(qmm(1, mx.float32)) == [("affine_qmv", 1)]
     assert picked(qmm(3, mx.float32)) == [("affine_qmv", 4)]
     assert picked(qmm(5, mx.float32)) == [("affine_qmv", 8)]
