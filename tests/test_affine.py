@@ -306,6 +306,21 @@ def test_quantized_matmul_streamed_decode_misaligned_views(path, monkeypatch, bi
         _check_matmul(x, *views, True, group_size, bits, "misaligned")
 
 
+def test_quantized_matmul_decode_runs_of_a_misaligned_weight(path):
+    # One row at 6 bits loads runs of two units as 16-byte vectors, which
+    # needs w on 16 bytes; a w that is a view 4 bytes into a larger buffer
+    # must load the same words one by one. (x stays aligned: its loads are
+    # vectors at every width, see the README's known limit.)
+    dtype, group_size, bits = mx.float16, 64, 6
+    n, k = 45, 2048
+    w_q, scales, biases = _weights((n, k), dtype, group_size, bits, seed=bits)
+    view = _at_odd_offset(w_q, 1)
+    mx.eval(view)
+    x = _x((1, k), dtype, seed=bits)
+    _check_matmul(x, view, scales, biases, True, group_size, bits, "misaligned w")
+    _check_matmul(x, w_q, scales, biases, True, group_size, bits, "aligned w")
+
+
 @pytest.mark.parametrize("dtype", (mx.float16, mx.bfloat16), ids=("f16", "bf16"))
 @pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("group_size", GROUP_SIZES)
