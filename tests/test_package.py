@@ -156,3 +156,22 @@ def test_bench_records_mlx_environment(monkeypatch, tmp_path, capsys):
     assert recorded.get("MLX_MAX_OPS_PER_BUFFER") == "8"
     assert all(name.startswith("MLX_") for name in recorded)
     assert "# MLX environment: " in capsys.readouterr().out
+
+
+def test_bench_only_selects_by_op_and_case(monkeypatch):
+    # --only matches the op and the case together, so one width of one op
+    # can run alone (a device call has minutes, the whole benchmark more).
+    from mlx_quant_ops.bench import __main__ as bench_main
+
+    picked = []
+    monkeypatch.setattr(
+        bench_main, "run_cases", lambda cases, bandwidth: picked.extend(cases) or []
+    )
+    monkeypatch.setattr(bench_main, "copy_bandwidth", lambda *args: 1e12)
+    bench_main.main(["--quick", "--only", "qmm decode q3"])
+    assert picked
+    assert all(c.group == "affine qmm decode" for c in picked)
+    assert all(c.name.startswith("q3 ") for c in picked)
+    picked.clear()
+    bench_main.main(["--quick", "--only", "gguf"])
+    assert {c.group for c in picked} >= {"gguf quantize", "gguf dequantize"}

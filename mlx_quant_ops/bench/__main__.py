@@ -1,4 +1,4 @@
-"""``python -m mlx_quant_ops.bench [--quick] [--only GROUP]``: one row per op
+"""``python -m mlx_quant_ops.bench [--quick] [--only TEXT]``: one row per op
 and LLM-shaped case (see :mod:`mlx_quant_ops.bench.core` for the protocol),
 then mlx-lm decoding per token where mlx-lm is installed
 (:mod:`mlx_quant_ops.bench.decode_cases`)."""
@@ -40,7 +40,9 @@ def main(argv=None):
         "--quick", action="store_true", help="small shapes (CPU, smoke runs)"
     )
     parser.add_argument(
-        "--only", default=None, help="run only cases whose op contains this text"
+        "--only",
+        default=None,
+        help="run only cases whose op and case, as printed, contain this text",
     )
     parser.add_argument("--json", default=None, help="also write rows to this file")
     args = parser.parse_args(argv)
@@ -63,7 +65,9 @@ def main(argv=None):
             continue
         cases = importlib.import_module(module_name).cases(args.quick)
         if args.only:
-            cases = [c for c in cases if args.only in c.group]
+            # The op then the case, as a row prints them, so a run can take
+            # one width or shape ("qmm decode q6") as well as a whole op.
+            cases = [c for c in cases if args.only in f"{c.group} {c.name}"]
         rows += run_cases(cases, bandwidth)
     decode_rows = []
     wants_decode = args.only is None or args.only in "mlx-lm decode"
