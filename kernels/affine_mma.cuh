@@ -321,14 +321,9 @@ affine_load_run(const uint32_t* p, uint32_t* words, bool aligned) {
   constexpr int count = RUN * bits;
   if constexpr (RUN > 1 && count % 4 == 0) {
     if (aligned) {
-      const uint4* v = reinterpret_cast<const uint4*>(p);
 #pragma unroll
-      for (int i = 0; i < count / 4; ++i) {
-        const uint4 q = v[i];
-        words[4 * i] = q.x;
-        words[4 * i + 1] = q.y;
-        words[4 * i + 2] = q.z;
-        words[4 * i + 3] = q.w;
+      for (int i = 0; i < count; i += 4) {
+        AffineUnit<4>::load(p + i, words + i);  // one 16-byte vector
       }
     } else {
 #pragma unroll

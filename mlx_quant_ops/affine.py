@@ -814,7 +814,7 @@ def _qmv_mma_shape(
     together (see _QMV_MMA_LONG_K for where one x row takes other values);
     and consecutive units a trip takes (see _QMV_MMA_RUNS)."""
     few = blocks < _QMV_MMA_FEW_BLOCKS
-    warps = 8 if few and k >= 64 * WORD_BITS else 4
+    warps = 8 if few and k >= 64 * _UNIT_VALUES else 4
     run = _QMV_MMA_RUNS.get(bits, 1) if x_rows == 1 else 1
     if run > 1 and k % (run * _UNIT_VALUES) == 0:
         return warps, _QMV_MMA_SINGLE_UNROLL, run
