@@ -114,16 +114,16 @@ __device__ __forceinline__ unsigned int affine_dequant_pair(
 // How a 32-value unit (bits words) splits into 16 pairs of codes for the
 // packed arithmetic above. Where codes do not straddle words (1, 2, 4, 8
 // bits) a word of V = 32 / bits codes gives its pairs (i, i + V / 2) with
-// one shift and one mask: pair p is codes lo(p) and lo(p) + V / 2. At 3
-// bits pair p is codes p and p + 16, which sit at the same offset in the
-// two 16-bit halves that one byte permute of two of the unit's words puts
-// together, for all but two pairs (see affine_weight_pair). 5 and 6 bits
-// pair neighbours (2p, 2p + 1), extracted one by one. The products only
-// need the activations paired the same way (see AffinePairs::x_pair).
+// one shift and one mask: pair p is codes lo(p) and lo(p) + V / 2. The
+// widths whose codes straddle words (3, 5, 6 bits) pair codes p and p + 16,
+// which sit exactly 2 * bits bytes apart, so the bytes under the two codes,
+// gathered side by side, put both at the same offset of the two 16-bit
+// halves (see affine_weight_pair). The products only need the activations
+// paired the same way (see AffinePairs::x_pair).
 template <int bits>
 struct AffinePairs {
   static constexpr bool whole_words = (32 % bits) == 0;
-  static constexpr bool halves = bits == 3;  // pairs (p, p + 16)
+  static constexpr bool halves = !whole_words;  // pairs (p, p + 16)
   static constexpr bool neighbours = !whole_words && !halves;
   static constexpr int per_word = 32 / bits;
   static constexpr int half_word = per_word / 2;
@@ -181,6 +181,49 @@ affine_codes_per_window(int bits, int magic_bits, int limit) {
   return window;
 }
 
+// Bytes b0, b1, b2, b3 of a little-endian byte stream held in words, as
+// bytes 0-3 of one word: one byte permute where they sit in at most two
+// words, else three. With the indices known at compile time (unrolled
+// loops) the choice and the selectors fold away.
+__device__ __forceinline__ unsigned int
+affine_gather_bytes(const unsigned int* words, int b0, int b1, int b2, int b3) {
+  const int w0 = b0 / 4, w1 = b1 / 4, w2 = b2 / 4, w3 = b3 / 4;
+  const int other = w1 != w0 ? w1 : (w2 != w0 ? w2 : w3);
+  if ((w2 == w0 || w2 == other) && (w3 == w0 || w3 == other)) {
+    auto pick = [&](int b) { return (b / 4 == w0 ? 0 : 4) + b % 4; };
+    const unsigned int select = pick(b0) | (pick(b1) << 4) | (pick(b2) << 8) | (pick(b3) << 12);
+    return __byte_perm(words[w0], words[other], select);
+  }
+  // Bytes a and b (in words wa and wb) as bytes 0 and 1 of a word.
+  auto two = [&](int wa, int a, int wb, int b) {
+    return __byte_perm(words[wa], words[wb], (a % 4) | ((b % 4 + (wb != wa ? 4 : 0)) << 4));
+  };
+  return __byte_perm(two(w0, b0, w1, b1), two(w2, b2, w3, b3), 0x5410);
+}
+
+// Codes c and the one `distance` bytes after it of a little-endian stream
+// of `bits`-bit codes held in words (a width whose codes straddle words),
+// as two weights in T. The two bytes under each code (a code spans at most
+// two), gathered side by side, put both codes at the same offset of their
+// 16-bit halves, and the packed dequantization of whole-word widths
+// applies.
+template <typename T, int bits>
+__device__ __forceinline__ unsigned int affine_byte_pair(
+    const unsigned int* words,
+    int c,
+    int distance,
+    typename AffineMma<T>::T2 scale2,
+    typename AffineMma<T>::T2 bias2) {
+  const int byte = bits * c / 8;
+  const int offset = bits * c % 8;
+  const int next = offset + bits > 8 ? 1 : 0;  // the code's second byte, if any
+  const unsigned int word = affine_gather_bytes(
+      words, byte, byte + next, byte + distance, byte + distance + next);
+  // The packed path needs the code under 2^m in each half.
+  const int shift = offset + bits > AffineMma<T>::magic_bits ? offset : 0;
+  return affine_dequant_pair<T, bits>(word >> shift, offset - shift, scale2, bias2);
+}
+
 // Pair p of a unit as two weights in T: the packed path where the codes fit
 // the magic number, else through float (bfloat16 8-bit codes reach 255,
 // past bfloat16's 2^7 + code trick). Whole-word widths take their pair
@@ -202,6 +245,9 @@ __device__ __forceinline__ unsigned int affine_weight_pair(
     const int e = bits * (j % window);
     const unsigned int word = words[p / Pairs::half_word] >> (bits * (j - j % window));
     return affine_dequant_pair<T, bits>(word, e, scale2, bias2);
+  } else if constexpr (Pairs::halves && bits != 3) {
+    // 5 and 6 bits: code p + 16 sits 2 * bits bytes after code p.
+    return affine_byte_pair<T, bits>(words, p, 2 * bits, scale2, bias2);
   } else if constexpr (Pairs::halves) {
     // 3 bits, pair p = codes p and p + 16. Codes 0-4 sit in bits 0-14 of
     // word 0 and codes 16-20 in bits 16-30 of word 1; codes 6-9 in bits
@@ -234,47 +280,17 @@ __device__ __forceinline__ unsigned int affine_weight_pair(
   }
 }
 
-// Bytes b0, b1, b2, b3 of a little-endian byte stream held in words, as
-// bytes 0-3 of one word: one byte permute where they sit in at most two
-// words, else three. With the indices known at compile time (unrolled
-// loops) the choice and the selectors fold away.
-__device__ __forceinline__ unsigned int
-affine_gather_bytes(const unsigned int* words, int b0, int b1, int b2, int b3) {
-  const int w0 = b0 / 4, w1 = b1 / 4, w2 = b2 / 4, w3 = b3 / 4;
-  const int other = w1 != w0 ? w1 : (w2 != w0 ? w2 : w3);
-  if ((w2 == w0 || w2 == other) && (w3 == w0 || w3 == other)) {
-    auto pick = [&](int b) { return (b / 4 == w0 ? 0 : 4) + b % 4; };
-    const unsigned int select = pick(b0) | (pick(b1) << 4) | (pick(b2) << 8) | (pick(b3) << 12);
-    return __byte_perm(words[w0], words[other], select);
-  }
-  // Bytes a and b (in words wa and wb) as bytes 0 and 1 of a word.
-  auto two = [&](int wa, int a, int wb, int b) {
-    return __byte_perm(words[wa], words[wb], (a % 4) | ((b % 4 + (wb != wa ? 4 : 0)) << 4));
-  };
-  return __byte_perm(two(w0, b0, w1, b1), two(w2, b2, w3, b3), 0x5410);
-}
-
 // Pair q (0-7) of a 16-code stream of a width whose codes straddle words
 // (3, 5 or 6 bits; stream[] holds its 2 * bits bytes from byte 0): codes q
-// and q + 8, as two weights in T. Code q + 8 sits exactly `bits` bytes
-// after code q, so the two bytes under each code, gathered side by side,
-// put both codes at the same offset of their 16-bit halves (a code spans at
-// most two bytes), and the packed dequantization of whole-word widths
-// applies. Used where a lane owns half a unit (the wgmma prefill).
+// and q + 8, as two weights in T (code q + 8 sits `bits` bytes after code
+// q). Used where a lane owns half a unit (the wgmma prefill).
 template <typename T, int bits>
 __device__ __forceinline__ unsigned int affine_stream_pair(
     const unsigned int* stream,
     int q,
     typename AffineMma<T>::T2 scale2,
     typename AffineMma<T>::T2 bias2) {
-  const int byte = bits * q / 8;
-  const int offset = bits * q % 8;
-  const int next = offset + bits > 8 ? 1 : 0;  // the code's second byte, if any
-  const unsigned int word =
-      affine_gather_bytes(stream, byte, byte + next, byte + bits, byte + bits + next);
-  // The packed path needs the code under 2^m in each half.
-  const int shift = offset + bits > AffineMma<T>::magic_bits ? offset : 0;
-  return affine_dequant_pair<T, bits>(word >> shift, offset - shift, scale2, bias2);
+  return affine_byte_pair<T, bits>(stream, q, bits, scale2, bias2);
 }
 
 // Weights 2n and 2n + 1 of a unit (natural order, as a tile in shared
