@@ -124,16 +124,14 @@ template <int bits>
 struct AffinePairs {
   static constexpr bool whole_words = (32 % bits) == 0;
   static constexpr bool halves = !whole_words;  // pairs (p, p + 16)
-  static constexpr bool neighbours = !whole_words && !halves;
   static constexpr int per_word = 32 / bits;
   static constexpr int half_word = per_word / 2;
 
   static __device__ __forceinline__ constexpr int lo(int p) {
-    return whole_words ? per_word * (p / half_word) + p % half_word
-                       : (halves ? p : 2 * p);
+    return whole_words ? per_word * (p / half_word) + p % half_word : p;
   }
   static __device__ __forceinline__ constexpr int hi(int p) {
-    return whole_words ? lo(p) + half_word : (halves ? p + 16 : 2 * p + 1);
+    return whole_words ? lo(p) + half_word : p + 16;
   }
   // Codes lo(p) and hi(p) of the unit in words[0 .. bits - 1], as the low
   // and high halves of one word.
@@ -148,16 +146,15 @@ struct AffinePairs {
   }
   // Where code c of the unit lands: pair_of(c) and which half (0 low).
   static __device__ __forceinline__ constexpr int pair_of(int c) {
-    return whole_words
-        ? (c / per_word) * half_word + (c % per_word) % half_word
-        : (halves ? c % 16 : c / 2);
+    return whole_words ? (c / per_word) * half_word + (c % per_word) % half_word
+                       : c % 16;
   }
   static __device__ __forceinline__ constexpr int half_of(int c) {
-    return whole_words ? (c % per_word) / half_word : (halves ? c / 16 : c % 2);
+    return whole_words ? (c % per_word) / half_word : c / 16;
   }
   // The neighbour (weights 2n' and 2n' + 1) built from the same two pairs
-  // as neighbour n, their other halves, is n' = n + partner (0: none).
-  static constexpr int partner = whole_words ? half_word / 2 : (halves ? 8 : 0);
+  // as neighbour n, their other halves, is n' = n + partner.
+  static constexpr int partner = whole_words ? half_word / 2 : 8;
   // Activations lo(p) and hi(p) of a unit held as 16 words of two 16-bit
   // values each (x[2j] low, x[2j + 1] high), in one byte permute.
   static __device__ __forceinline__ unsigned int
@@ -269,9 +266,6 @@ __device__ __forceinline__ unsigned int affine_weight_pair(
     const int shift = bits * ((p - first) / fit * fit);
     const int offset = phase + bits * (p - first);
     return affine_dequant_pair<T, bits>(run >> shift, offset - shift, scale2, bias2);
-  } else if constexpr (bits <= AffineMma<T>::magic_bits) {
-    const unsigned int raw = Pairs::raw(words, p);
-    return affine_dequant_pair<T, 16>(raw, 0, scale2, bias2);
   } else {
     const unsigned int raw = Pairs::raw(words, p);
     float lo = fmaf(affine_code_float(raw & 0xFFFFu), scale, bias);
@@ -310,21 +304,17 @@ __device__ __forceinline__ unsigned int affine_weight_neighbours(
   typedef AffinePairs<bits> Pairs;
   const int c0 = 2 * n;
   const int c1 = 2 * n + 1;
-  if constexpr (Pairs::neighbours) {
-    return affine_weight_pair<T, bits>(words, n, scale2, bias2, scale, bias);
-  } else {
-    const unsigned int a = affine_weight_pair<T, bits>(
-        words, Pairs::pair_of(c0), scale2, bias2, scale, bias);
-    const unsigned int b = affine_weight_pair<T, bits>(
-        words, Pairs::pair_of(c1), scale2, bias2, scale, bias);
-    const bool high0 = Pairs::half_of(c0);
-    const bool high1 = Pairs::half_of(c1);
-    if (partner_out != nullptr) {
-      *partner_out = __byte_perm(
-          a, b, (high0 ? 0x0010u : 0x0032u) | (high1 ? 0x5400u : 0x7600u));
-    }
-    return __byte_perm(a, b, (high0 ? 0x0032u : 0x0010u) | (high1 ? 0x7600u : 0x5400u));
+  const unsigned int a = affine_weight_pair<T, bits>(
+      words, Pairs::pair_of(c0), scale2, bias2, scale, bias);
+  const unsigned int b = affine_weight_pair<T, bits>(
+      words, Pairs::pair_of(c1), scale2, bias2, scale, bias);
+  const bool high0 = Pairs::half_of(c0);
+  const bool high1 = Pairs::half_of(c1);
+  if (partner_out != nullptr) {
+    *partner_out = __byte_perm(
+        a, b, (high0 ? 0x0010u : 0x0032u) | (high1 ? 0x5400u : 0x7600u));
   }
+  return __byte_perm(a, b, (high0 ? 0x0032u : 0x0010u) | (high1 ? 0x7600u : 0x5400u));
 }
 
 // The words of RUN consecutive units at p (RUN * bits of them) into words:

@@ -111,9 +111,7 @@ auto stage = [&](const Fetched& f, int buf) {
       const int quad = quad_of(h, j);
 #pragma unroll
       for (int n = 4 * quad; n < 4 * quad + 4; ++n) {
-        if (partner == 0) {
-          out[n] = affine_weight_neighbours<T, bits>(f.words, n, scale2, bias2, scale, bias);
-        } else if ((n / partner) % 2 == 0) {
+        if ((n / partner) % 2 == 0) {
           out[n] = affine_weight_neighbours<T, bits>(
               f.words, n, scale2, bias2, scale, bias, &out[n + partner]);
         }

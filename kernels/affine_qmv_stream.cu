@@ -57,9 +57,6 @@ __shared__ __align__(8) unsigned long long empty[STAGES];
 __shared__ __align__(8) unsigned long long x_full;
 T* const x_shared = reinterpret_cast<T*>(affine_stream_shared + STAGES * STAGE_BYTES);
 // With XP, the staged rows again in pair order (the consumers write them).
-// Widths whose pairs are neighbours (5, 6 bits) are in pair order as
-// staged, so they read the staged rows and make no copy.
-constexpr bool COPY_PAIRS = XP && !AffinePairs<bits>::neighbours;
 uint32_t* const x_pairs = reinterpret_cast<uint32_t*>(x_shared + params[2] * params[1]);
 const int N = params[0];
 const int K = params[1];
@@ -176,18 +173,17 @@ if (warp == KW) {
 #pragma unroll
   for (int j = 0; j < XT; ++j) {
     const int col = 8 * j + g;
-    const T* rows_at = XS ? (COPY_PAIRS ? reinterpret_cast<const T*>(x_pairs) : x_shared) : x;
+    const T* rows_at = XS ? (XP ? reinterpret_cast<const T*>(x_pairs) : x_shared) : x;
     xp[j] = rows_at + static_cast<size_t>(col < M ? col : 0) * K;
   }
   if (XS) {
     // The staged rows are put in pair order before any consumer reads
     // them: copied beside them a word per thread where the host left room
-    // (COPY_PAIRS), else rewritten in place a unit per thread (nothing to
-    // do at 5 and 6 bits). In-kernel timers on the H100 (14336x4096, one
-    // row): the byte permutes cost 7% of the kernel's time, and the rewrite
-    // in place wins back only half of it.
+    // (XP), else rewritten in place a unit per thread. In-kernel timers on
+    // the H100 (14336x4096, one row): the byte permutes cost 7% of the
+    // kernel's time, and the rewrite in place wins back only half of it.
     affine_mbarrier_wait(&x_full, 0);
-    if (COPY_PAIRS) {
+    if (XP) {
       for (int e = threadIdx.x; e < M * K / 2; e += 32 * KW) {
         x_pairs[e] = affine_stream_x_pair_word<T, bits>(x_shared, e);
       }

@@ -80,8 +80,7 @@ __device__ __forceinline__ void affine_warps_sync(int id, int threads) {
 
 // Staged x rows in pair order: word p of a unit holds the activations of
 // pair p (AffinePairs::x_pair), so the consumers load the mma's B
-// registers as they are, without two byte permutes per step. Widths whose
-// pairs are neighbours (5, 6 bits) are in that order already.
+// registers as they are, without two byte permutes per step.
 
 // Word `e` of x rows staged in shared memory (at `xs`) in pair order: pair
 // e % 16 of unit e / 16.
@@ -99,16 +98,14 @@ __device__ __forceinline__ uint32_t affine_stream_x_pair_word(const T* xs, int e
 // thread, for when there is no room for a second copy.
 template <typename T, int bits>
 __device__ __forceinline__ void affine_stream_pair_x_unit(T* xs) {
-  if constexpr (!AffinePairs<bits>::neighbours) {
-    uint4* v = reinterpret_cast<uint4*>(xs);
-    uint32_t pairs[16];
+  uint4* v = reinterpret_cast<uint4*>(xs);
+  uint32_t pairs[16];
 #pragma unroll
-    for (int p = 0; p < 16; ++p) {
-      pairs[p] = affine_stream_x_pair_word<T, bits>(xs, p);
-    }
+  for (int p = 0; p < 16; ++p) {
+    pairs[p] = affine_stream_x_pair_word<T, bits>(xs, p);
+  }
 #pragma unroll
-    for (int q = 0; q < 4; ++q) {
-      v[q] = make_uint4(pairs[4 * q], pairs[4 * q + 1], pairs[4 * q + 2], pairs[4 * q + 3]);
-    }
+  for (int q = 0; q < 4; ++q) {
+    v[q] = make_uint4(pairs[4 * q], pairs[4 * q + 1], pairs[4 * q + 2], pairs[4 * q + 3]);
   }
 }
