@@ -918,8 +918,8 @@ def test_dispatcher_picks_kernel_by_shape():
     # 8192, streams through shared memory on Hopper; more rows, shorter or
     # longer K and 8 bits stay on the register-batch mat-vec (where each
     # was faster).
-    def stream_qmm(m, k=4096, bits=4, group_size=64):
-        packed = _packed((300, k), bits, group_size, mx.float16)
+    def stream_qmm(m, k=4096, bits=4, group_size=64, n=300):
+        packed = _packed((n, k), bits, group_size, mx.float16)
         x = mx.zeros((m, k), mx.float16)
         return lambda: mqo.quantized_matmul(
             x, *packed, group_size=group_size, bits=bits
@@ -934,8 +934,8 @@ def test_dispatcher_picks_kernel_by_shape():
     # two-unit trips for a few blocks, one-unit trips for one row of K past
     # 12288 at 1, 2, 3, 5 and 8 bits, 16 warps for 8-bit group 32 there;
     # one row at 6 bits takes runs of two units where K holds whole runs.
-    def shape(m, k, bits, group_size=64):
-        (launch,) = record_launches(stream_qmm(m, k, bits, group_size))
+    def shape(m, k, bits, group_size=64, n=300):
+        (launch,) = record_launches(stream_qmm(m, k, bits, group_size, n))
         assert launch.kernel.name == "affine_qmv_mma"
         template = dict(launch.template)
         return template["KW"], template["UNROLL"], template["RUN"]
@@ -952,6 +952,12 @@ def test_dispatcher_picks_kernel_by_shape():
     assert shape(1, 2048, 6) == (8, 1, 2)
     assert shape(1, 2048 + 32, 6, group_size=32) == (8, 2, 1)  # 65 units: no runs
     assert shape(8, 14336, 6) == (8, 2, 1)
+    # More x rows take 8 warps only below 512 blocks of 16 weight rows (one
+    # x row below 1024).
+    assert shape(2, 2048, 4, n=16 * 511) == (8, 2, 1)
+    assert shape(2, 2048, 4, n=16 * 512) == (4, 2, 1)
+    assert shape(1, 2048, 8, n=16 * 512) == (8, 2, 1)
+    assert shape(1, 2048, 8, n=16 * 1024) == (4, 2, 1)
     # The staged row's pair-order copy fits beside the stages at K = 4096
     # and not at 8192 (rewritten in place there).
     for k, copied in ((4096, 1), (8192, 0)):
