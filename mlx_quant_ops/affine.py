@@ -230,15 +230,17 @@ _QMV_MAX_ROWS = 8  # x rows one qmv tile carries (its XR)
 _QMV_MMA_ROWS = 16  # kernels/affine_qmv_mma.cu: weight rows per block
 _QMV_MMA_MAX_ROWS = 16  # and the x rows a block row carries (two n8 tiles)
 # It splits K over 8 warps rather than 4 when the grid alone would leave
-# SMs short of warps (a bandwidth-bound kernel needs loads in flight). With
-# more x rows a block holds more registers (60-100 at 2-16 rows), so fewer
-# 8-warp blocks fit an SM and grids of 512-896 blocks ran in more than one
-# wave: 4 warps won there at every width (H200, same process, twenty-fifth
-# session: 14336x4096, 11008x4096 and 8192x8192 at 2, 8 and 16 rows, 0.5-12
-# us; q8 group 32 14336x4096 at 16 rows 34.6 against 47.0), while 8 stayed
-# ahead at 256 blocks (4096x14336, q6, 2-8 rows, 0.6-0.9 us).
-_QMV_MMA_FEW_BLOCKS = 1024
-_QMV_MMA_FEW_BLOCKS_ROWS = 512  # the same for more than one x row
+# SMs short of warps (a bandwidth-bound kernel needs loads in flight), which
+# is while one wave of 8-warp blocks holds the grid: four blocks an SM at
+# one x row, three at more (their registers: 60-100 at 2-16 rows). Past
+# that, 4 warps won at every width (H200, same process, twenty-fifth
+# session): one row, 14336x2048, 11008x2048, and 14336x4096 at 8 bits,
+# 0.5-3.1 us (896 and 688 blocks); 2, 8 and 16 rows, 14336x4096, 11008x4096
+# and 8192x8192 (512 blocks), 0.5-12 us (q8 group 32 at 16 rows 34.6 against
+# 47.0). 8 warps stayed ahead at 512 blocks for one row (8192x14336, 4 and
+# 8 bits, 0.7-1.6 us) and at 256 for more rows (4096x14336, q6, 0.6-0.9).
+_QMV_MMA_WIDE_WAVE = 4  # 8-warp blocks an SM takes in a wave, one x row
+_QMV_MMA_WIDE_WAVE_ROWS = 3  # the same with more x rows
 _QMV_MMA_UNROLL = 2  # units per lane with loads in flight together
 # One x row, few blocks and long rows: a trip of one unit per lane with its
 # loads issued at once beat two-unit trips at every width but 4 bits (2-6
@@ -816,11 +818,13 @@ def _qmv_mma_shape(
     blocks: int, k: int, x_rows: int, bits: int, group_size: int
 ) -> Tuple[int, int, int]:
     """``(KW, UNROLL, RUN)`` of the tensor-core mat-vec: warps splitting K
-    in a block, more when the blocks alone would not fill the GPU and K is
-    long enough to share; trips per lane whose loads are in flight
+    in a block, more when one wave of such blocks holds the grid (so the
+    blocks alone would leave SMs short of warps) and K is long enough to
+    share; trips per lane whose loads are in flight
     together (see _QMV_MMA_LONG_K for where one x row takes other values);
     and consecutive units a trip takes (see _QMV_MMA_RUNS)."""
-    few = blocks < (_QMV_MMA_FEW_BLOCKS if x_rows == 1 else _QMV_MMA_FEW_BLOCKS_ROWS)
+    wave = _QMV_MMA_WIDE_WAVE if x_rows == 1 else _QMV_MMA_WIDE_WAVE_ROWS
+    few = blocks <= wave * _backend.gpu_multiprocessors()
     warps = 8 if few and k >= 64 * _UNIT_VALUES else 4
     run = _QMV_MMA_RUNS.get(bits, 1) if x_rows == 1 else 1
     if run > 1 and k % (run * _UNIT_VALUES) == 0:

@@ -888,7 +888,7 @@ def test_all_combinations_listed():
 # ---- kernel choice -------------------------------------------------------------
 
 
-def test_dispatcher_picks_kernel_by_shape():
+def test_dispatcher_picks_kernel_by_shape(monkeypatch):
     # Which kernel the cuda path launches for decode, prefill and MoE shapes
     # (recorded, not run: see cuda_compile.py).
     from cuda_compile import HOPPER, record_launches
@@ -952,12 +952,13 @@ def test_dispatcher_picks_kernel_by_shape():
     assert shape(1, 2048, 6) == (8, 1, 2)
     assert shape(1, 2048 + 32, 6, group_size=32) == (8, 2, 1)  # 65 units: no runs
     assert shape(8, 14336, 6) == (8, 2, 1)
-    # More x rows take 8 warps only below 512 blocks of 16 weight rows (one
-    # x row below 1024).
-    assert shape(2, 2048, 4, n=16 * 511) == (8, 2, 1)
-    assert shape(2, 2048, 4, n=16 * 512) == (4, 2, 1)
-    assert shape(1, 2048, 8, n=16 * 512) == (8, 2, 1)
-    assert shape(1, 2048, 8, n=16 * 1024) == (4, 2, 1)
+    # 8 warps only while one wave of 8-warp blocks (of 16 weight rows) holds
+    # the grid: four an SM at one x row, three at more.
+    monkeypatch.setattr(mqo.affine._backend, "gpu_multiprocessors", lambda: 20)
+    assert shape(1, 2048, 8, n=16 * 80) == (8, 2, 1)
+    assert shape(1, 2048, 8, n=16 * 81) == (4, 2, 1)
+    assert shape(2, 2048, 4, n=16 * 60) == (8, 2, 1)
+    assert shape(2, 2048, 4, n=16 * 61) == (4, 2, 1)
     # The staged row's pair-order copy fits beside the stages at K = 4096
     # and not at 8192 (rewritten in place there).
     for k, copied in ((4096, 1), (8192, 0)):
