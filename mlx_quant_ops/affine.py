@@ -104,8 +104,12 @@ _QMV_STREAM_MAX_STAGES = 6
 # of 16 bytes); about 1 KB of codes a row.
 _QMV_STREAM_CHUNK_QUANTUM = 1024
 _QMV_STREAM_ROW_CODE_BYTES = (2048, 1024)  # tried in turn
-# x rows up to this size are staged in shared memory (one 16K-value row).
-_QMV_STREAM_MAX_X_BYTES = 32 * 1024
+# x rows up to this size are staged in shared memory: one row of the
+# longest K the dispatcher streams. 32 KB staged left fewer stages: four
+# rows of K = 4096 ran slower staged than eight rows read from global memory
+# (H200, 128256x4096, twenty-fifth session: q4 132 us against 123; q5 at
+# four rows 245 against 196 on the register-batch mat-vec).
+_QMV_STREAM_MAX_X_BYTES = 16 * 1024
 _QMV_STREAM_ARCHITECTURES = ("sm_90",)  # bulk copies and mbarrier tx counts
 # Where it wins on the H100 (same-process A/B, tenth session): one x row,
 # 4 bits, K from 4096 up to 8192 (x staged beside two 2 KB-a-row stages).
@@ -119,21 +123,35 @@ _QMV_STREAM_ARCHITECTURES = ("sm_90",)  # bulk copies and mbarrier tx counts
 # 4096x2048 43 against 48, and no K = 2048 shape was ahead streamed by
 # more than 0.4 us).
 _QMV_STREAM_MAX_ROWS = 1
+# Weights of many rows (vocabulary heads) stream 2 to 8 x rows too: on the
+# H200 (128256x4096, same process, three rounds, twenty-fifth session) two
+# rows took 81-147 us streamed against 112-188 on the register-batch
+# mat-vec at 2-5 bits, eight rows 112-135 against 137-178 at 2-4 bits (6
+# bits 176 against 227). At 14336 rows it tied or won by less.
+_QMV_STREAM_WIDE_N = 65536
+_QMV_STREAM_WIDE_MAX_ROWS = 8
 _QMV_STREAM_MIN_K = 4096
 _QMV_STREAM_MAX_K = 8192
 _QMV_STREAM_BITS = (2, 3, 4, 5, 6)
 
 
 def _qmv_stream_geometry(
-    bits: int, group_size: int, itemsize: int, x_bytes: int = 0
+    bits: int,
+    group_size: int,
+    itemsize: int,
+    x_bytes: int = 0,
+    stage_limit: Optional[int] = None,
 ) -> Tuple[int, int, bool]:
     """``(KC, STAGES, XS)`` of the streamed mat-vec: values per chunk, the
     stage buffers that fit its shared memory (the stage layout of
     kernels/affine_qmv_stream.cu: codes padded by 64 bytes a row, scales
     and biases by 16) and whether ``x_bytes`` of x rows are staged there
-    too. Larger chunks first; x is staged where that leaves two stages."""
+    too. Larger chunks first; x is staged where that leaves two stages and
+    it is at most ``stage_limit`` bytes (default _QMV_STREAM_MAX_X_BYTES)."""
     quantum = _QMV_STREAM_CHUNK_QUANTUM
-    for staged in (True, False) if x_bytes <= _QMV_STREAM_MAX_X_BYTES else (False,):
+    if stage_limit is None:
+        stage_limit = _QMV_STREAM_MAX_X_BYTES
+    for staged in (True, False) if x_bytes <= stage_limit else (False,):
         room = _QMV_STREAM_SHARED_BYTES - (x_bytes if staged else 0)
         for row_code_bytes in _QMV_STREAM_ROW_CODE_BYTES:
             chunk = max(quantum, row_code_bytes * 8 // bits // quantum * quantum)
@@ -156,25 +174,30 @@ def _qmv_stream_layout(
     (14336x8192 and 2048x8192 on the H100), while at K = 4096 the copy
     saves 6-7% over rewriting the rows in place."""
     chunk, stages, staged = _qmv_stream_geometry(bits, group_size, itemsize, x_bytes)
+    # Only room decides the copy: it is not held to the staging limit.
     copy_pairs = staged and _qmv_stream_geometry(
-        bits, group_size, itemsize, 2 * x_bytes
+        bits, group_size, itemsize, 2 * x_bytes, stage_limit=2 * x_bytes
     ) == (chunk, stages, staged)
     return chunk, stages, staged, copy_pairs
 
 
 def _qmv_stream_fits(
-    stream, dtype, rows: int, k: int, bits: int, group_size: int
+    stream, dtype, rows: int, n: int, k: int, bits: int, group_size: int
 ) -> bool:
-    """Whether the streamed mat-vec takes a decode: tensor cores on a Hopper
-    GPU; rows of whole 16-byte runs of codes and of scales (K a multiple of
-    8 groups) so that every bulk copy is aligned; and a case where it was
-    measured faster than the register-batch mat-vec (docs/benchmarks.md,
-    tenth session). The kernel itself takes every width and up to 16 rows."""
+    """Whether the streamed mat-vec takes a decode of ``rows`` x rows by an
+    ``[n, k]`` weight: tensor cores on a Hopper GPU; rows of whole 16-byte
+    runs of codes and of scales (K a multiple of 8 groups) so that every
+    bulk copy is aligned; and a case where it was measured faster than the
+    register-batch mat-vec (docs/benchmarks.md, tenth and twenty-fifth
+    sessions). The kernel itself takes every width and up to 16 rows."""
+    max_rows = (
+        _QMV_STREAM_WIDE_MAX_ROWS if n >= _QMV_STREAM_WIDE_N else _QMV_STREAM_MAX_ROWS
+    )
     return (
         _tensor_cores(stream, dtype)
         and _backend.gpu_architecture() in _QMV_STREAM_ARCHITECTURES
         and k % (8 * group_size) == 0
-        and rows <= _QMV_STREAM_MAX_ROWS
+        and rows <= max_rows
         and _QMV_STREAM_MIN_K <= k <= _QMV_STREAM_MAX_K
         and bits in _QMV_STREAM_BITS
     )
@@ -991,7 +1014,9 @@ def _matmul_rows_plan(
     # the tiled kernels spread work over N tiles only and would leave most
     # of the GPU idle.
     if transpose and rows <= _qmv_max_rows(stream, dtype) * experts:
-        if lhs is None and _qmv_stream_fits(stream, dtype, rows, k, bits, group_size):
+        if lhs is None and _qmv_stream_fits(
+            stream, dtype, rows, n, k, bits, group_size
+        ):
             return _qmv_stream_launcher(
                 k, n, rows, dtype, group_size, bits, out_shape, stream
             )

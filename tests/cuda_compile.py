@@ -48,6 +48,7 @@ def stream_everything() -> Dict[str, object]:
         _QMV_STREAM_MIN_K=0,
         _QMV_STREAM_MAX_K=1 << 30,
         _QMV_STREAM_MAX_ROWS=16,
+        _QMV_STREAM_WIDE_MAX_ROWS=16,
     )
 
 

@@ -966,6 +966,15 @@ def test_dispatcher_picks_kernel_by_shape(monkeypatch):
         assert (dict(launch.template)["XS"], dict(launch.template)["XP"]) == (1, copied)
     assert picked(stream_qmm(1), "sm_80") == [("affine_qmv_mma", 1)]
     assert picked(stream_qmm(2)) == [("affine_qmv_mma", 2)]
+    # Weights of at least _QMV_STREAM_WIDE_N rows (vocabulary heads) stream
+    # up to 8 x rows; x is staged while it fits 16 KB (two rows of 4096).
+    monkeypatch.setattr(mqo.affine, "_QMV_STREAM_WIDE_N", 300)
+    for m, staged in ((2, 1), (3, 0), (8, 0)):
+        (launch,) = record_launches(stream_qmm(m))
+        assert launch.kernel.name == "affine_qmv_stream"
+        assert dict(launch.template)["XS"] == staged
+    assert picked(stream_qmm(9)) == [("affine_qmv_mma", 16)]
+    assert picked(stream_qmm(2, n=299)) == [("affine_qmv_mma", 2)]
     assert picked(stream_qmm(1, k=8704)) == [("affine_qmv_mma", 1)]
     assert picked(stream_qmm(1, k=2048)) == [("affine_qmv_mma", 1)]
     assert picked(stream_qmm(1, bits=8)) == [("affine_qmv_mma", 1)]
