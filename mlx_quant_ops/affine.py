@@ -843,9 +843,9 @@ def _qmv_mma_shape(
     """``(KW, UNROLL, RUN)`` of the tensor-core mat-vec: warps splitting K
     in a block, more when one wave of such blocks holds the grid (so the
     blocks alone would leave SMs short of warps) and K is long enough to
-    share; trips per lane whose loads are in flight
-    together (see _QMV_MMA_LONG_K for where one x row takes other values);
-    and consecutive units a trip takes (see _QMV_MMA_RUNS)."""
+    share; trips per lane whose loads are in flight together (see
+    _QMV_MMA_LONG_K for where one x row takes other values); and
+    consecutive units a trip takes (see _QMV_MMA_RUNS)."""
     wave = _QMV_MMA_WIDE_WAVE if x_rows == 1 else _QMV_MMA_WIDE_WAVE_ROWS
     few = blocks <= wave * _backend.gpu_multiprocessors()
     warps = 8 if few and k >= 64 * _UNIT_VALUES else 4
