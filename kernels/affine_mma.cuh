@@ -123,7 +123,6 @@ __device__ __forceinline__ unsigned int affine_dequant_pair(
 template <int bits>
 struct AffinePairs {
   static constexpr bool whole_words = (32 % bits) == 0;
-  static constexpr bool halves = !whole_words;  // pairs (p, p + 16)
   static constexpr int per_word = 32 / bits;
   static constexpr int half_word = per_word / 2;
 
@@ -242,10 +241,10 @@ __device__ __forceinline__ unsigned int affine_weight_pair(
     const int e = bits * (j % window);
     const unsigned int word = words[p / Pairs::half_word] >> (bits * (j - j % window));
     return affine_dequant_pair<T, bits>(word, e, scale2, bias2);
-  } else if constexpr (Pairs::halves && bits != 3) {
+  } else if constexpr (!Pairs::whole_words && bits != 3) {
     // 5 and 6 bits: code p + 16 sits 2 * bits bytes after code p.
     return affine_byte_pair<T, bits>(words, p, 2 * bits, scale2, bias2);
-  } else if constexpr (Pairs::halves) {
+  } else if constexpr (bits == 3) {
     // 3 bits, pair p = codes p and p + 16. Codes 0-4 sit in bits 0-14 of
     // word 0 and codes 16-20 in bits 16-30 of word 1; codes 6-9 in bits
     // 18-29 of word 0 and 22-25 in bits 2-13 of word 2; codes 11-15 in bits
