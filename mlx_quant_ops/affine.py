@@ -262,6 +262,14 @@ _QMV_MMA_MAX_ROWS = 16  # and the x rows a block row carries (two n8 tiles)
 # and 8192x8192 (512 blocks), 0.5-12 us (q8 group 32 at 16 rows 34.6 against
 # 47.0). 8 warps stayed ahead at 512 blocks for one row (8192x14336, 4 and
 # 8 bits, 0.7-1.6 us) and at 256 for more rows (4096x14336, q6, 0.6-0.9).
+# More x rows keep 8 warps only there: K of at least _QMV_MMA_LONG_K,
+# under 8 bits and under 16 rows. On grids of one wave or less (128 and
+# 256 blocks, 2-16 rows, three rounds, twenty-sixth session) 4 warps won
+# at K up to 8192 (q4 4096x8192 at 16 rows 16.8 us against 19.1, q4
+# 4096x4096 at 8 rows 7.0 against 7.6), at every K for 8 bits (q8
+# 4096x14336 at 16 rows 30.5 against 38.2) and at 16 rows (q4 4096x11008
+# 20.0 against 24.2); 8 warps kept 0.5-1.0 us at q4 K 11008-14336 for 2
+# and 8 rows.
 _QMV_MMA_WIDE_WAVE = 4  # 8-warp blocks an SM takes in a wave, one x row
 _QMV_MMA_WIDE_WAVE_ROWS = 3  # the same with more x rows
 _QMV_MMA_UNROLL = 2  # units per lane with loads in flight together
@@ -270,6 +278,9 @@ _QMV_MMA_UNROLL = 2  # units per lane with loads in flight together
 # bits 0.4-1.3 us, 8 bits 0.5 us, 4096x14336, same-process A/B on the H100,
 # fifteenth session), and 8-bit group-32 rows gained another 1.1-1.5 us
 # from 16 warps (more loads in flight where a warp's trips are few).
+# 8-bit rows take one-unit trips at every K on such grids: 8 warps, 0.1-2.9
+# us at 2048-6144 rows of K 2048-8192 (q8 6144x4096 10.0 us against 12.1;
+# H200, three rounds, twenty-sixth session).
 _QMV_MMA_LONG_K = 12288
 _QMV_MMA_SINGLE_UNROLL = 1
 _QMV_MMA_WIDE_WARPS = 16
@@ -843,17 +854,26 @@ def _qmv_mma_shape(
     """``(KW, UNROLL, RUN)`` of the tensor-core mat-vec: warps splitting K
     in a block, more when one wave of such blocks holds the grid (so the
     blocks alone would leave SMs short of warps) and K is long enough to
-    share; trips per lane whose loads are in flight together (see
-    _QMV_MMA_LONG_K for where one x row takes other values); and
+    share (for more x rows: see _QMV_MMA_WIDE_WAVE); trips per lane whose
+    loads are in flight together (see _QMV_MMA_LONG_K for where one x row
+    takes other values); and
     consecutive units a trip takes (see _QMV_MMA_RUNS)."""
-    wave = _QMV_MMA_WIDE_WAVE if x_rows == 1 else _QMV_MMA_WIDE_WAVE_ROWS
-    few = blocks <= wave * _backend.gpu_multiprocessors()
-    warps = 8 if few and k >= 64 * _UNIT_VALUES else 4
+    if x_rows == 1:
+        few = blocks <= _QMV_MMA_WIDE_WAVE * _backend.gpu_multiprocessors()
+        wide = few and k >= 64 * _UNIT_VALUES
+    else:
+        few = blocks <= _QMV_MMA_WIDE_WAVE_ROWS * _backend.gpu_multiprocessors()
+        long_rows = k >= _QMV_MMA_LONG_K and bits < 8 and x_rows < _QMV_MMA_MAX_ROWS
+        wide = few and long_rows
+    warps = 8 if wide else 4
     run = _QMV_MMA_RUNS.get(bits, 1) if x_rows == 1 else 1
     if run > 1 and k % (run * _UNIT_VALUES) == 0:
         return warps, _QMV_MMA_SINGLE_UNROLL, run
-    if x_rows > 1 or not few or k < _QMV_MMA_LONG_K or bits == 4:
+    if x_rows > 1 or not few or bits == 4:
         return warps, _QMV_MMA_UNROLL, 1
+    if k < _QMV_MMA_LONG_K:
+        single = wide and bits == 8
+        return warps, _QMV_MMA_SINGLE_UNROLL if single else _QMV_MMA_UNROLL, 1
     if (bits, group_size) in _QMV_MMA_WIDE_FORMATS:
         warps = _QMV_MMA_WIDE_WARPS
     return warps, _QMV_MMA_SINGLE_UNROLL, 1

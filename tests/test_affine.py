@@ -210,14 +210,15 @@ def test_quantized_matmul_decode_bits(path, dtype, bits, group_size):
     # a multiple of its 16-row tile, K an odd number of 32-value units so
     # the split over warps and lanes is uneven, one and two n8 tiles of x.
     # One row of K past _QMV_MMA_LONG_K takes one-unit trips (and 16 warps
-    # for 8-bit group-32 codes), again with an uneven split. One row at 6
+    # for 8-bit group-32 codes), again with an uneven split; five rows there
+    # split K over 8 warps below 8 bits. One row at 6
     # bits takes runs of two units wherever K holds whole runs (36 units: 18
     # runs over 4 warps; the long K over 8), and single units where it does
     # not (11 units).
     kind = KINDS[bits % len(KINDS)]
     n = 37
     long_k = (mqo.affine._QMV_MMA_LONG_K // 128 + 1) * 128  # whole groups of 128
-    cases = ((11 * group_size, (1, 13)), (36 * 32, (1, 13)), (long_k, (1,)))
+    cases = ((11 * group_size, (1, 13)), (36 * 32, (1, 13)), (long_k, (1, 5)))
     for k, rows in cases:
         w_q, scales, biases = _weights((n, k), dtype, group_size, bits, kind, bits)
         for m in rows:
@@ -931,9 +932,11 @@ def test_dispatcher_picks_kernel_by_shape(monkeypatch):
         assert picked(stream_qmm(1, bits=bits)) == [("affine_qmv_stream", 8)]
 
     # The register-batch mat-vec's warps, trip length and run: 8 warps and
-    # two-unit trips for a few blocks, one-unit trips for one row of K past
-    # 12288 at 1, 2, 3, 5 and 8 bits, 16 warps for 8-bit group 32 there;
-    # one row at 6 bits takes runs of two units where K holds whole runs.
+    # two-unit trips for a few blocks (more x rows: only for K past 12288,
+    # under 8 bits and under 16 rows), one-unit trips for one row of K past
+    # 12288 at 1, 2, 3, 5 and 8 bits and for one 8-bit row of any K on 8
+    # warps, 16 warps for 8-bit group 32 past 12288; one row at 6 bits
+    # takes runs of two units where K holds whole runs.
     def shape(m, k, bits, group_size=64, n=300):
         (launch,) = record_launches(stream_qmm(m, k, bits, group_size, n))
         assert launch.kernel.name == "affine_qmv_mma"
@@ -944,9 +947,12 @@ def test_dispatcher_picks_kernel_by_shape(monkeypatch):
     assert shape(1, 14336, 2) == (8, 1, 1)
     assert shape(1, 14336, 8) == (8, 1, 1)
     assert shape(1, 14336, 8, group_size=32) == (16, 1, 1)
-    assert shape(8, 14336, 8, group_size=32) == (8, 2, 1)
-    assert shape(1, 4096, 8, group_size=32) == (8, 2, 1)
+    assert shape(8, 14336, 8, group_size=32) == (4, 2, 1)
+    assert shape(1, 4096, 8, group_size=32) == (8, 1, 1)
     assert shape(1, 1024, 8, group_size=32) == (4, 2, 1)
+    assert shape(8, 14336, 4) == (8, 2, 1)
+    assert shape(16, 14336, 4) == (4, 2, 1)
+    assert shape(8, 8192, 4) == (4, 2, 1)
     assert shape(1, 14336, 5) == (8, 1, 1)
     assert shape(1, 14336, 6) == (8, 1, 2)
     assert shape(1, 2048, 6) == (8, 1, 2)
@@ -955,10 +961,10 @@ def test_dispatcher_picks_kernel_by_shape(monkeypatch):
     # 8 warps only while one wave of 8-warp blocks (of 16 weight rows) holds
     # the grid: four an SM at one x row, three at more.
     monkeypatch.setattr(mqo.affine._backend, "gpu_multiprocessors", lambda: 20)
-    assert shape(1, 2048, 8, n=16 * 80) == (8, 2, 1)
-    assert shape(1, 2048, 8, n=16 * 81) == (4, 2, 1)
-    assert shape(2, 2048, 4, n=16 * 60) == (8, 2, 1)
-    assert shape(2, 2048, 4, n=16 * 61) == (4, 2, 1)
+    assert shape(1, 2048, 4, n=16 * 80) == (8, 2, 1)
+    assert shape(1, 2048, 4, n=16 * 81) == (4, 2, 1)
+    assert shape(2, 14336, 4, n=16 * 60) == (8, 2, 1)
+    assert shape(2, 14336, 4, n=16 * 61) == (4, 2, 1)
     # The staged row's pair-order copy fits beside the stages at K = 4096
     # and not at 8192 (rewritten in place there).
     for k, copied in ((4096, 1), (8192, 0)):
