@@ -14,6 +14,7 @@ import itertools
 import mlx.core as mx
 import numpy as np
 import pytest
+from conftest import on_path
 from distributions import sample
 
 import mlx_quant_ops as mqo
@@ -181,7 +182,38 @@ def test_quantized_matmul_shapes(path, dtype, transpose, m):
 @pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("group_size", GROUP_SIZES)
 def test_quantized_matmul_bits_and_groups(path, bits, group_size):
-    dtype = mx.float32
+    _check_bits_and_groups(mx.float32, bits, group_size)
+
+
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("group_size", GROUP_SIZES)
+def test_reference_matmul_of_few_rows(monkeypatch, dtype, bits, group_size):
+    # A CPU stream hands products of up to _CPU_BUILTIN_MAX_ROWS rows to
+    # MLX's float32 CPU kernel, so the other tests meet the reference (the
+    # readable definition, and the VJPs' basis) only past that; here it
+    # takes every size. Then one call of 17 rows shows the hand-over's
+    # limit: 16 rows and fewer never reach the reference, 17 do.
+    monkeypatch.setattr(mqo.affine, "_CPU_BUILTIN_MAX_ROWS", 0)
+    with on_path("reference"):
+        _check_bits_and_groups(dtype, bits, group_size)
+    monkeypatch.undo()
+    reached = []
+    real = mqo.affine._quantized_matmul_reference
+    monkeypatch.setattr(
+        mqo.affine,
+        "_quantized_matmul_reference",
+        lambda *args: reached.append(args[0].shape) or real(*args),
+    )
+    w_q, scales, biases = _weights((37, 2 * group_size), dtype, group_size, bits)
+    with on_path("reference"):
+        for m in (1, 16, 17):
+            x = _x((m, 2 * group_size), dtype, seed=m)
+            _check_matmul(x, w_q, scales, biases, True, group_size, bits, f"m={m}")
+    assert reached == [(17, 2 * group_size)]
+
+
+def _check_bits_and_groups(dtype, bits, group_size):
     for m, transpose in ((1, True), (5, True), (3, False)):
         k = 2 * group_size
         n = 37 if transpose else 2 * group_size
@@ -349,8 +381,6 @@ def test_quantized_matmul_prefill_off_hopper(monkeypatch, dtype, bits):
     # A Hopper GPU runs every width's prefill on the wgmma tile; this runs
     # the mma.sync tile that other NVIDIA GPUs (A100, L40, Blackwell) take,
     # by making the op see another architecture.
-    from conftest import on_path
-
     if mqo._backend.gpu_backend() != "cuda":
         pytest.skip("the tensor-core tiles are CUDA kernels")
     monkeypatch.setattr(mqo._backend, "gpu_architecture", lambda: "sm_80")
@@ -494,6 +524,40 @@ def test_gather_qmm_sorted_and_lhs(path, bits):
     # Only lhs_indices.
     w1 = [a[:1] for a in (w_q, scales, biases)]
     _check_gather(x, *w1, mx.array([2, 2, 0]), None, True, gs, bits)
+
+
+def test_reference_gather_of_few_rows(monkeypatch):
+    # As test_reference_matmul_of_few_rows: the MoE and index cases above on
+    # the reference itself, then the hand-over's limit (1 and 16 rows a
+    # product go to MLX's CPU kernel, 17 to the reference), out-of-range
+    # indices included.
+    monkeypatch.setattr(mqo.affine, "_CPU_BUILTIN_MAX_ROWS", 0)
+    with on_path("reference"):
+        for dtype, tokens in itertools.product(DTYPES.values(), (1, 17)):
+            for transpose in (True, False):
+                test_gather_qmm_moe("reference", dtype, tokens, transpose)
+        for bits in (3, 4):
+            test_gather_qmm_sorted_and_lhs("reference", bits)
+        test_gather_qmm_out_of_range_indices_give_nan_rows(True, mx.float16, "")
+    monkeypatch.undo()
+    reached = []
+    real = mqo.affine._gather_qmm_reference
+    monkeypatch.setattr(
+        mqo.affine,
+        "_gather_qmm_reference",
+        lambda *args: reached.append(args[0].shape) or real(*args),
+    )
+    w_q, scales, biases = _weights((5, 33, 128), mx.float16, 64, 4)
+    rhs = mx.array([[4, 0, 2, 9]], dtype=mx.int32)  # 9: out of range
+    with on_path("reference"):
+        for m in (1, 16, 17):
+            x = _x((1, 1, m, 128), mx.float16, seed=m)
+            out = mqo.gather_qmm(x, w_q, scales, biases, rhs_indices=rhs)
+            got = _np(out)
+            assert np.isnan(got[0, 3]).all() and not np.isnan(got[0, :3]).any()
+            ok = mx.array([[4, 0, 2]], dtype=mx.int32)
+            _check_gather(x, w_q, scales, biases, None, ok, True, 64, 4)
+    assert reached == [(1, 1, 17, 128)] * 2
 
 
 def test_gather_qmm_without_indices_is_quantized_matmul(path):
