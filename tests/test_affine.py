@@ -250,7 +250,13 @@ def test_quantized_matmul_decode_bits(path, dtype, bits, group_size):
     kind = KINDS[bits % len(KINDS)]
     n = 37
     long_k = (mqo.affine._QMV_MMA_LONG_K // 128 + 1) * 128  # whole groups of 128
-    cases = ((11 * group_size, (1, 13)), (36 * 32, (1, 13)), (long_k, (1, 5)))
+    wide_k = 64 * 32 + group_size  # one 8-bit row on 8 warps: one-unit trips
+    cases = (
+        (11 * group_size, (1, 13)),
+        (36 * 32, (1, 13)),
+        (wide_k, (1,)),
+        (long_k, (1, 5)),
+    )
     for k, rows in cases:
         w_q, scales, biases = _weights((n, k), dtype, group_size, bits, kind, bits)
         for m in rows:

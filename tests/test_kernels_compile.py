@@ -130,6 +130,14 @@ def exercise_affine():
         packed = mqo.quantize(mx.zeros((16, long_k), mx.float16), group_size, bits)
         x = mx.zeros((1, long_k), mx.float16)
         outputs.append(mqo.quantized_matmul(x, *packed, True, group_size, bits))
+    # One 8-bit row on 8 warps takes one-unit trips at any K; more rows of
+    # the long K split it over 8 warps below 8 bits.
+    packed = mqo.quantize(mx.zeros((16, 4096), mx.float16), 32, 8)
+    x = mx.zeros((1, 4096), mx.float16)
+    outputs.append(mqo.quantized_matmul(x, *packed, True, 32, 8))
+    packed = mqo.quantize(mx.zeros((16, long_k), mx.float16), 64, 5)
+    x = mx.zeros((5, long_k), mx.float16)
+    outputs.append(mqo.quantized_matmul(x, *packed, True, 64, 5))
     return outputs
 
 
