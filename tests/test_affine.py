@@ -14,7 +14,7 @@ import itertools
 import mlx.core as mx
 import numpy as np
 import pytest
-from conftest import on_path
+from conftest import PATHS, on_path
 from distributions import sample
 
 import mlx_quant_ops as mqo
@@ -26,6 +26,20 @@ GROUP_SIZES = (32, 64, 128)
 TOLERANCE = {mx.float32: 1e-5, mx.float16: 5e-3, mx.bfloat16: 5e-3}
 KINDS = ("normal", "outliers", "zero_blocks", "constant_blocks", "uniform_positive")
 CPU = mx.cpu
+
+
+@pytest.fixture(params=[*PATHS, pytest.param("reference-only", id="reference-only")])
+def path(request, monkeypatch):
+    """conftest.py's paths, and the reference path with MLX's CPU kernels
+    turned off: a CPU stream hands quantize and few-row products to them
+    (affine._CPU_BUILTIN), so every test here also checks the reference
+    functions themselves, the definition of each op and its VJPs' basis."""
+    name = request.param
+    if name == "reference-only":
+        monkeypatch.setattr(mqo.affine, "_CPU_BUILTIN", False)
+        name = "reference"
+    with on_path(name):
+        yield request.param
 
 
 def _np(a: mx.array) -> np.ndarray:
@@ -183,34 +197,6 @@ def test_quantized_matmul_shapes(path, dtype, transpose, m):
 @pytest.mark.parametrize("group_size", GROUP_SIZES)
 def test_quantized_matmul_bits_and_groups(path, bits, group_size):
     _check_bits_and_groups(mx.float32, bits, group_size)
-
-
-@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
-@pytest.mark.parametrize("bits", BITS)
-@pytest.mark.parametrize("group_size", GROUP_SIZES)
-def test_reference_matmul_of_few_rows(monkeypatch, dtype, bits, group_size):
-    # A CPU stream hands products of up to _CPU_BUILTIN_MAX_ROWS rows to
-    # MLX's float32 CPU kernel, so the other tests meet the reference (the
-    # readable definition, and the VJPs' basis) only past that; here it
-    # takes every size. Then one call of 17 rows shows the hand-over's
-    # limit: 16 rows and fewer never reach the reference, 17 do.
-    monkeypatch.setattr(mqo.affine, "_CPU_BUILTIN_MAX_ROWS", 0)
-    with on_path("reference"):
-        _check_bits_and_groups(dtype, bits, group_size)
-    monkeypatch.undo()
-    reached = []
-    real = mqo.affine._quantized_matmul_reference
-    monkeypatch.setattr(
-        mqo.affine,
-        "_quantized_matmul_reference",
-        lambda *args: reached.append(args[0].shape) or real(*args),
-    )
-    w_q, scales, biases = _weights((37, 2 * group_size), dtype, group_size, bits)
-    with on_path("reference"):
-        for m in (1, 16, 17):
-            x = _x((m, 2 * group_size), dtype, seed=m)
-            _check_matmul(x, w_q, scales, biases, True, group_size, bits, f"m={m}")
-    assert reached == [(17, 2 * group_size)]
 
 
 def _check_bits_and_groups(dtype, bits, group_size):
@@ -532,38 +518,50 @@ def test_gather_qmm_sorted_and_lhs(path, bits):
     _check_gather(x, *w1, mx.array([2, 2, 0]), None, True, gs, bits)
 
 
-def test_reference_gather_of_few_rows(monkeypatch):
-    # As test_reference_matmul_of_few_rows: the MoE and index cases above on
-    # the reference itself, then the hand-over's limit (1 and 16 rows a
-    # product go to MLX's CPU kernel, 17 to the reference), out-of-range
-    # indices included.
-    monkeypatch.setattr(mqo.affine, "_CPU_BUILTIN_MAX_ROWS", 0)
-    with on_path("reference"):
-        for dtype, tokens in itertools.product(DTYPES.values(), (1, 17)):
-            for transpose in (True, False):
-                test_gather_qmm_moe("reference", dtype, tokens, transpose)
-        for bits in (3, 4):
-            test_gather_qmm_sorted_and_lhs("reference", bits)
-        test_gather_qmm_out_of_range_indices_give_nan_rows(True, mx.float16, "")
-    monkeypatch.undo()
+def test_cpu_stream_hands_work_to_mlx_kernels(monkeypatch):
+    # On a CPU stream quantize, products of up to _CPU_BUILTIN_MAX_ROWS rows
+    # and gathers of up to that many rows a product go to MLX's CPU kernels
+    # (checked against float64 and MLX by the tests above on the
+    # "reference" path); 17 rows, and everything with the switch off (the
+    # "reference-only" path), reach the reference functions.
     reached = []
-    real = mqo.affine._gather_qmm_reference
-    monkeypatch.setattr(
-        mqo.affine,
-        "_gather_qmm_reference",
-        lambda *args: reached.append(args[0].shape) or real(*args),
-    )
+    for name in ("_quantize", "_quantized_matmul", "_gather_qmm"):
+        real = getattr(mqo.affine, f"{name}_reference")
+        monkeypatch.setattr(
+            mqo.affine,
+            f"{name}_reference",
+            lambda *args, name=name, real=real: reached.append((name, args[0].shape))
+            or real(*args),
+        )
     w_q, scales, biases = _weights((5, 33, 128), mx.float16, 64, 4)
     rhs = mx.array([[4, 0, 2, 9]], dtype=mx.int32)  # 9: out of range
-    with on_path("reference"):
-        for m in (1, 16, 17):
-            x = _x((1, 1, m, 128), mx.float16, seed=m)
-            out = mqo.gather_qmm(x, w_q, scales, biases, rhs_indices=rhs)
-            got = _np(out)
-            assert np.isnan(got[0, 3]).all() and not np.isnan(got[0, :3]).any()
-            ok = mx.array([[4, 0, 2]], dtype=mx.int32)
-            _check_gather(x, w_q, scales, biases, None, ok, True, 64, 4)
-    assert reached == [(1, 1, 17, 128)] * 2
+    ok = mx.array([[4, 0, 2]], dtype=mx.int32)
+    for builtin in (True, False):
+        monkeypatch.setattr(mqo.affine, "_CPU_BUILTIN", builtin)
+        with on_path("reference"):
+            w = _x((33, 128), mx.float16)
+            for ours, theirs in zip(mqo.quantize(w), mx.quantize(w, stream=CPU)):
+                assert_identical(ours, theirs, f"builtin={builtin}")
+            for m in (1, 16, 17):
+                x = _x((m, 128), mx.float16, seed=m)
+                _check_matmul(x, w_q[0], scales[0], biases[0], True, 64, 4, m)
+                x = x.reshape(1, 1, m, 128)
+                got = _np(mqo.gather_qmm(x, w_q, scales, biases, rhs_indices=rhs))
+                assert np.isnan(got[0, 3]).all() and not np.isnan(got[0, :3]).any()
+                _check_gather(x, w_q, scales, biases, None, ok, True, 64, 4)
+    expected = [
+        ("_quantized_matmul", (17, 128)),
+        ("_gather_qmm", (1, 1, 17, 128)),
+        ("_gather_qmm", (1, 1, 17, 128)),
+        ("_quantize", (33, 128)),
+    ]
+    for m in (1, 16, 17):
+        expected += [
+            ("_quantized_matmul", (m, 128)),
+            ("_gather_qmm", (1, 1, m, 128)),
+            ("_gather_qmm", (1, 1, m, 128)),
+        ]
+    assert reached == expected
 
 
 def test_gather_qmm_without_indices_is_quantized_matmul(path):
