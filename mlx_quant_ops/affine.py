@@ -804,16 +804,23 @@ def _quantized_matmul_cpu(x, w, scales, biases, transpose, group_size, bits):
         return _quantized_matmul_reference(
             x, w, scales, biases, transpose, group_size, bits
         )
-    f32 = mx.float32
-    out = mx.quantized_matmul(
-        x.astype(f32),
+    return _float32_builtin(
+        mx.quantized_matmul,
+        x,
         w,
-        scales.astype(f32),
-        biases.astype(f32),
+        scales,
+        biases,
         transpose=transpose,
         group_size=group_size,
         bits=bits,
     )
+
+
+def _float32_builtin(builtin, x, w, scales, biases, **options):
+    """``builtin`` (``mx.quantized_matmul`` or ``mx.gather_qmm``) on x,
+    scales and biases in float32, the result in x's dtype."""
+    f32 = mx.float32
+    out = builtin(x.astype(f32), w, scales.astype(f32), biases.astype(f32), **options)
     return out.astype(x.dtype)
 
 
@@ -1485,19 +1492,19 @@ def _gather_qmm_cpu(
             x, w, scales, biases, lhs_indices, rhs_indices, transpose, group_size, bits
         )
     valid, lhs_indices, rhs_indices = _gather_valid(lhs_indices, rhs_indices, x, w)
-    f32 = mx.float32
-    out = mx.gather_qmm(
-        x.astype(f32),
+    out = _float32_builtin(
+        mx.gather_qmm,
+        x,
         w,
-        scales.astype(f32),
-        biases.astype(f32),
+        scales,
+        biases,
         lhs_indices=lhs_indices,
         rhs_indices=rhs_indices,
         transpose=transpose,
         group_size=group_size,
         bits=bits,
     )
-    return _nan_where_invalid(out, valid).astype(x.dtype)
+    return _nan_where_invalid(out, valid)
 
 
 @functools.lru_cache(maxsize=256)
