@@ -924,8 +924,8 @@ def _qmv_mma_shape(
     blocks alone would leave SMs short of warps) and K is long enough to
     share (for more x rows: see _QMV_MMA_WIDE_WAVE); trips per lane whose
     loads are in flight together (see _QMV_MMA_LONG_K for where one x row
-    takes other values); and
-    consecutive units a trip takes (see _QMV_MMA_RUNS)."""
+    takes other values); and consecutive units a trip takes (see
+    _QMV_MMA_RUNS)."""
     if x_rows == 1:
         few = blocks <= _QMV_MMA_WIDE_WAVE * _backend.gpu_multiprocessors()
         wide = few and k >= 64 * _UNIT_VALUES
