@@ -564,6 +564,54 @@ def test_cpu_stream_hands_work_to_mlx_kernels(monkeypatch):
     assert reached == expected
 
 
+@pytest.mark.parametrize("builtin", (True, False), ids=("builtin", "reference"))
+def test_cpu_products_split_over_cores(monkeypatch, builtin):
+    # A large product on a CPU stream is split by output columns over one
+    # worker stream per core. Here every product is split three ways (37
+    # rows: 13 + 13 + 11), on MLX's kernels and on the reference, one
+    # weight and a batch of them, and gathers with an index out of range;
+    # 5 rows are too few to split.
+    streams = tuple(mx.new_stream(mx.cpu) for _ in range(3))
+    monkeypatch.setattr(mqo.affine, "_cpu_worker_streams", lambda: streams)
+    monkeypatch.setattr(mqo.affine, "_CPU_SPLIT_MIN_WORK", 0)
+    monkeypatch.setattr(mqo.affine, "_CPU_BUILTIN", builtin)
+    cuts = []
+    real = mqo.affine._weight_rows
+    monkeypatch.setattr(
+        mqo.affine,
+        "_weight_rows",
+        lambda start, stop, *arrays: cuts.append((start, stop))
+        or real(start, stop, *arrays),
+    )
+    thirds = [(0, 13), (13, 26), (26, 37)]
+    with on_path("reference"):
+        for dtype, m in itertools.product((mx.float32, mx.float16), (1, 17)):
+            w_q, scales, biases = _weights((37, 128), dtype, 64, 4, seed=m)
+            x = _x((m, 128), dtype, seed=m)
+            cuts.clear()
+            _check_matmul(x, w_q, scales, biases, True, 64, 4, f"m={m}")
+            assert cuts == thirds, cuts
+        w_q, scales, biases = _weights((3, 37, 128), mx.float32, 32, 3)
+        cuts.clear()
+        _check_matmul(_x((3, 2, 128), mx.float32), w_q, scales, biases, True, 32, 3, "")
+        assert cuts == thirds, cuts
+        x = _x((2, 1, 1, 128), mx.float16)
+        w_q, scales, biases = _weights((5, 37, 128), mx.float16, 64, 4)
+        rhs = mx.array([[4, 0], [2, 9]], dtype=mx.int32)  # 9: out of range
+        cuts.clear()
+        got = _np(mqo.gather_qmm(x, w_q, scales, biases, rhs_indices=rhs))
+        assert (
+            np.isnan(got[1, 1]).all() and not np.isnan(got[[0, 0, 1], [0, 1, 0]]).any()
+        )
+        assert cuts == (thirds if builtin else []), cuts
+        ok = mx.array([[4, 0], [2, 1]], dtype=mx.int32)
+        _check_gather(x, w_q, scales, biases, None, ok, True, 64, 4)
+        w_q, scales, biases = _weights((5, 128), mx.float32, 64, 4)
+        cuts.clear()
+        _check_matmul(_x((1, 128), mx.float32), w_q, scales, biases, True, 64, 4, "")
+        assert cuts == [(0, 5)], cuts
+
+
 def test_gather_qmm_without_indices_is_quantized_matmul(path):
     w_q, scales, biases = _weights((3, 20, 64), mx.float32, 64, 4)
     x = _x((3, 2, 64), mx.float32)
