@@ -566,11 +566,12 @@ def test_cpu_stream_hands_work_to_mlx_kernels(monkeypatch):
 
 @pytest.mark.parametrize("builtin", (True, False), ids=("builtin", "reference"))
 def test_cpu_products_split_over_cores(monkeypatch, builtin):
-    # A large product on a CPU stream is split by output columns over one
-    # worker stream per core. Here every product is split three ways (37
-    # rows: 13 + 13 + 11), on MLX's kernels and on the reference, one
-    # weight and a batch of them, and gathers with an index out of range;
-    # 5 rows are too few to split.
+    # A large op on a CPU stream is split over one worker stream per core:
+    # quantize and dequantize by weight rows, products by output columns.
+    # Here every op is split three ways (37 rows: 13 + 13 + 11), on MLX's
+    # kernels and on the reference: quantize, dequantize, one weight and a
+    # batch of them, and gathers with an index out of range; 5 rows are too
+    # few to split.
     streams = tuple(mx.new_stream(mx.cpu) for _ in range(3))
     monkeypatch.setattr(mqo.affine, "_cpu_worker_streams", lambda: streams)
     monkeypatch.setattr(mqo.affine, "_CPU_SPLIT_MIN_WORK", 0)
@@ -585,6 +586,18 @@ def test_cpu_products_split_over_cores(monkeypatch, builtin):
     )
     thirds = [(0, 13), (13, 26), (26, 37)]
     with on_path("reference"):
+        w = mx.array(sample("outliers", 37, 128, 64, 5)).astype(mx.float16)
+        expected = mx.quantize(w, 64, 3, stream=CPU)
+        for ours, theirs in zip(mqo.quantize(w, 64, 3), expected):
+            assert_identical(ours, theirs, "quantize")
+        assert cuts == thirds, cuts
+        cuts.clear()
+        assert_identical(
+            mqo.dequantize(*expected, 64, 3),
+            mx.dequantize(*expected, 64, 3, stream=CPU),
+            "dequantize",
+        )
+        assert cuts == thirds, cuts
         for dtype, m in itertools.product((mx.float32, mx.float16), (1, 17)):
             w_q, scales, biases = _weights((37, 128), dtype, 64, 4, seed=m)
             x = _x((m, 128), dtype, seed=m)
