@@ -197,8 +197,9 @@ def affine_section(model, tokens):
     print(" mx.quantized_matmul on the same codes)")
     if mqo.backend() == "reference" and mx.default_device() == mx.cpu:
         print("(on the CPU, quantize and products of up to 16 rows run MLX's own")
-        print(" CPU kernels, in float32, where they beat the plain-mx reference;")
-        print(" the tests check the reference itself against both oracles)")
+        print(" CPU kernels, in float32, where they beat the plain-mx reference,")
+        print(" and large ops split over the cores; the tests check the reference")
+        print(" itself against both oracles)")
 
     if model is None:
         return
