@@ -625,6 +625,21 @@ def test_cpu_products_split_over_cores(monkeypatch, builtin):
         assert cuts == [(0, 5)], cuts
 
 
+@pytest.mark.parametrize("dtype", (mx.float16, mx.bfloat16), ids=("f16", "bf16"))
+def test_gather_qmm_of_few_experts_in_half_types(path, dtype):
+    # A half-type gather whose products use at most an eighth of the
+    # experts copies those experts out on a CPU stream (rather than cast
+    # every expert's scales to float32): 3 products of 40 experts, the same
+    # expert twice, lhs indices, and one index out of range.
+    w_q, scales, biases = _weights((40, 33, 128), dtype, 64, 4, seed=3)
+    x = _x((3, 2, 128), dtype)
+    lhs = mx.array([2, 0, 2], dtype=mx.int32)
+    rhs = mx.array([39, 7, 39], dtype=mx.int32)
+    _check_gather(x, w_q, scales, biases, lhs, rhs, True, 64, 4)
+    got = _np(mqo.gather_qmm(x, w_q, scales, biases, lhs, mx.array([7, 40, 39])))
+    assert np.isnan(got[1]).all() and not np.isnan(got[[0, 2]]).any()
+
+
 def test_gather_qmm_without_indices_is_quantized_matmul(path):
     w_q, scales, biases = _weights((3, 20, 64), mx.float32, 64, 4)
     x = _x((3, 2, 64), mx.float32)
