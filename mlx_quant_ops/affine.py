@@ -12,10 +12,13 @@ holds ``32 / bits`` whole codes; for 3, 5 and 6 bits a code may straddle two
 words (MLX writes those as packs of 3, 5 and 3 bytes, which is the same
 stream).
 
-Every op comes in three pieces: ``_<op>_reference`` (pure ``mx``; the CPU
-path and the oracle), ``_<op>_kernel`` (the Metal bodies in ``kernels/``,
-run on CUDA through the compatibility header) and the public ``<op>``, which
-validates once and dispatches on the stream's device. The public ops plan
+Every op comes in three pieces: ``_<op>_reference`` (pure ``mx``; the
+definition and the oracle), ``_<op>_kernel`` (the Metal bodies in
+``kernels/``, run on CUDA through the compatibility header) and the public
+``<op>``, which validates once and dispatches on the stream's device. On a
+CPU stream the reference path (``_<op>_cpu``) hands quantize and few-row
+products to MLX's own CPU kernels and splits large ops over the cores (see
+_CPU_BUILTIN). The public ops plan
 each call signature once (``_plan_<op>``, kept by a ``CallPlans``), so a
 repeated call, every layer of every decoded token, replays a compiled graph
 instead of running this module's Python again. The matmuls are
