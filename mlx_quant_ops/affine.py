@@ -491,10 +491,15 @@ def _pack(codes: mx.array, bits: int) -> mx.array:
 _CPU_BUILTIN = True
 
 
+def _on_cpu_stream() -> bool:
+    """Whether the reference path runs now on a CPU stream (``dispatch``
+    makes the op's stream the default)."""
+    return mx.default_device() == mx.cpu
+
+
 def _cpu_builtin() -> bool:
-    """Whether the reference path, now running, may use MLX's CPU kernels:
-    a CPU stream (``dispatch`` makes the op's stream the default)."""
-    return _CPU_BUILTIN and mx.default_device() == mx.cpu
+    """Whether the reference path, now running, may use MLX's CPU kernels."""
+    return _CPU_BUILTIN and _on_cpu_stream()
 
 
 # MLX runs each CPU stream on its own thread, and a quantized product (MLX's
@@ -530,8 +535,8 @@ def _over_cores(compute, n: int, work: int, axis: int = -1):
     costing ``work`` in all (multiply-adds, or values for quantize); on a
     CPU stream and past _CPU_SPLIT_MIN_WORK, parts run on the worker
     streams at once and are joined."""
-    on_cpu = mx.default_device() == mx.cpu
-    streams = _cpu_worker_streams() if on_cpu and work >= _CPU_SPLIT_MIN_WORK else ()
+    large = work >= _CPU_SPLIT_MIN_WORK
+    streams = _cpu_worker_streams() if large and _on_cpu_stream() else ()
     if len(streams) < 2 or n < 2 * len(streams):
         return compute(0, n)
     step = -(-n // len(streams))
@@ -657,10 +662,11 @@ def _quantize_cpu(w, group_size, bits):
     itself, which the reference matches bit for bit, in one fused pass (2-core
     Linux host, 4096x4096: 59-130 ms against the reference's 200-315), rows
     split over the cores when there are many."""
+    builtin = _cpu_builtin()
 
     def rows(start, stop):
         (part,) = _weight_rows(start, stop, w)
-        if _cpu_builtin():
+        if builtin:
             return tuple(mx.quantize(part, group_size=group_size, bits=bits))
         return _quantize_reference(part, group_size, bits)
 
@@ -1541,6 +1547,13 @@ def _checked_quantized_matmul(op, x, w, transpose, group_size, bits, dtype, stre
 # ---- gather_qmm ----------------------------------------------------------------
 
 
+def _experts_at(rhs_indices, *arrays):
+    """Each array's matrices (over its last two axes) at ``rhs_indices``,
+    flattened: the experts of every product in turn."""
+    flat = rhs_indices.reshape(-1)
+    return [a.reshape(-1, *a.shape[-2:])[flat] for a in arrays]
+
+
 def _gather_qmm_reference(
     x, w, scales, biases, lhs_indices, rhs_indices, transpose, group_size, bits
 ):
@@ -1549,11 +1562,8 @@ def _gather_qmm_reference(
     # weight once and let mx.gather_mm pick.
     x32 = x.astype(mx.float32)
     if rhs_indices.size < _batch_size(w):
-        flat = rhs_indices.reshape(-1)
-        w_sel = w.reshape(-1, *w.shape[-2:])[flat]
-        s_sel = scales.reshape(-1, *scales.shape[-2:])[flat]
-        b_sel = biases.reshape(-1, *biases.shape[-2:])[flat]
-        dense = _dense_weight(w_sel, s_sel, b_sel, group_size, bits)
+        used = _experts_at(rhs_indices, w, scales, biases)
+        dense = _dense_weight(*used, group_size, bits)
         dense = dense.reshape(*rhs_indices.shape, *dense.shape[-2:])
         if transpose:
             dense = dense.swapaxes(-1, -2)
@@ -1588,18 +1598,18 @@ def _gather_qmm_cpu(
         # costs more than copying out the experts the products use, while
         # those are few (128 of 768x2048, f16, top-8: one token 12.3 ms
         # against 5.7; 8 tokens, 64 products, 35.4 against 56.0).
-        flat = rhs_indices.reshape(-1)
-        w, scales, biases = (
-            a.reshape(-1, *a.shape[-2:])[flat] for a in (w, scales, biases)
+        w, scales, biases = _experts_at(rhs_indices, w, scales, biases)
+        rhs_indices = mx.arange(rhs_indices.size, dtype=mx.uint32).reshape(
+            rhs_indices.shape
         )
-        rhs_indices = mx.arange(flat.size, dtype=mx.uint32).reshape(rhs_indices.shape)
 
     def columns(start, stop):
-        part = _weight_rows(start, stop, w, scales, biases) if transpose else ()
+        weights = (w, scales, biases)
+        part = _weight_rows(start, stop, *weights) if transpose else weights
         return _float32_builtin(
             mx.gather_qmm,
             x,
-            *(part or (w, scales, biases)),
+            *part,
             lhs_indices=lhs_indices,
             rhs_indices=rhs_indices,
             transpose=transpose,
