@@ -173,15 +173,21 @@ HOPPER = "sm_90"
 
 
 @contextlib.contextmanager
-def recording(architecture: str = HOPPER):
+def recording(architecture: str = HOPPER, forced: bool = True):
     """Force the ``cuda`` path on a GPU of ``architecture`` (as
     ``mx.device_info`` names it) and record kernel builds and launches
-    instead of running them. Yields the list the launches are appended to."""
+    instead of running them. Yields the list the launches are appended to.
+
+    With ``forced=False`` nothing is forced: every stream reads as the
+    GPU's, so ops and layers choose as they do on a CUDA machine's default
+    stream (a layer's hand-over to MLX's built-in included), while MLX's
+    own ops still run on the CPU."""
     recorder = _Recorder()
     saved = (
         backend_module.gpu_backend,
         backend_module.gpu_architecture,
         backend_module.kernel_stream,
+        backend_module._device_of,
         mx.fast.cuda_kernel,
     )
     kernels_module._build_once.cache_clear()
@@ -189,15 +195,22 @@ def recording(architecture: str = HOPPER):
     backend_module.gpu_backend = lambda: "cuda"
     backend_module.gpu_architecture = lambda: architecture
     backend_module.kernel_stream = lambda stream: mx.default_stream(mx.cpu)
+    if not forced:
+        # Every stream reads as the GPU (the kernels' own CPU stream too).
+        backend_module._device_of = lambda stream: mx.gpu
     mx.fast.cuda_kernel = recorder.cuda_kernel
     try:
-        with backend_module.use_backend("cuda"):
+        force = (
+            backend_module.use_backend("cuda") if forced else contextlib.nullcontext()
+        )
+        with force:
             yield recorder.launches
     finally:
         (
             backend_module.gpu_backend,
             backend_module.gpu_architecture,
             backend_module.kernel_stream,
+            backend_module._device_of,
             mx.fast.cuda_kernel,
         ) = saved
         kernels_module._build_once.cache_clear()

@@ -19,6 +19,7 @@ import pytest
 from mlx.utils import tree_flatten, tree_map
 from mlx_lm.generate import generate_step
 from mlx_lm.models import llama, qwen3_moe
+from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear as LMQuantizedSwitch
 from mlx_lm.models.switch_layers import SwitchGLU, SwitchLinear
 from mlx_lm.utils import load_model, quantize_model, save_config, save_model
@@ -844,6 +845,48 @@ def check_patched_model_generates_same(arch, bits, group_size, stream):
     bound = 1e-4 if mqo.backend(stream) == "reference" else 1e-3
     assert rel_err(patched_logits, f64(logits)) <= bound
     assert greedy(model, stream) == tokens
+
+
+@pytest.mark.parametrize("arch", MODELS)
+def test_decode_steps_replay_on_the_cuda_path(monkeypatch, arch):
+    """On the CUDA path (simulated without a GPU: our kernels recorded, not
+    run; MLX's ops on the CPU), a patched model's decode steps plan nothing
+    once the first has run: every linear and switch layer replays its last
+    call, the small projections handed to MLX's built-in, and only the
+    embedding lookup goes through an op's plans. A layer that planned
+    again would cost the host tens of µs a token, which no result shows."""
+    from cuda_compile import recording
+
+    model = random_model(arch)
+    model.set_dtype(mx.float16)
+    nn.quantize(model, 64, 4)
+    mqo.nn.patch(model)
+    # Attention projections (at most 256x256 values) to MLX's built-in, the
+    # MLP and the head to our kernels, as on a Llama-3-8B-shaped model.
+    table = {bits: 256 * 256 + 1 for bits in MEASURED_BUILTIN_DECODE_BELOW}
+    monkeypatch.setattr(affine, "LAYER_BUILTIN_DECODE_BELOW", table)
+    visits = []
+    call = CallPlans.call
+
+    def counted(self, make, *args):
+        visits.append(make.__name__)
+        return call(self, make, *args)
+
+    monkeypatch.setattr(CallPlans, "call", counted)
+    with recording(forced=False) as launches:
+        cache = make_prompt_cache(model)
+        token = mx.argmax(model(((mx.arange(24) * 13) % VOCAB)[None], cache=cache))
+        for step in range(5):
+            logits = model(token.reshape(1, 1), cache=cache)
+            if step == 1:
+                visits.clear()
+                launches.clear()
+            ops = graph_ops(logits)  # MLX's op and our kernel's custom function
+            assert {"QuantizedMatmul", "CustomTransforms"} <= ops
+            token = mx.argmax(logits[0, -1])
+            mx.eval(token)
+    assert visits == ["_plan_dequantize"] * 3
+    assert launches == []  # our kernel calls replayed their compiled graphs
 
 
 @pytest.mark.parametrize("arch", MODELS)
