@@ -1,0 +1,138 @@
+"""Host cost of a decode step on the CUDA path, measured without a GPU.
+
+On a CUDA machine a patched mlx-lm model is often bound by the host: the
+Python that builds each step's graph and MLX's encoding of it. This script
+measures the first part on any machine. The ops and layers choose as they
+do on a CUDA machine's default stream (through ``tests/cuda_compile.py``'s
+recorder: our kernels are recorded, not run; MLX's ops run on the CPU), so
+their Python, plans, replays and hand-overs to MLX's built-in are the ones
+a GPU host runs. Encoding and GPU time are not measured.
+
+Each token is built by one layer set and evaluated, the sets taking turns
+token by token on one KV cache, so both meet the same cache lengths and
+the host's drift falls on both. It prints per layer set the median build
+time of a token, and the time spent in each kind of layer call (summed
+over a token): MLX's layers, our handed-over calls, our kernel calls,
+the embedding lookup.
+
+Run from the repository root::
+
+    python scripts/host_cost_sim.py [--tokens 200] [--layers 8]
+
+The model is a small Llama (hidden 512, MLP 1792) with the hand-over limit
+set so that attention projections go to MLX's built-in and the MLP and
+head to our kernels, as on the Llama-3-8B shape on a GPU. In-model costs
+run several times the cost of the same call repeated in a loop (caches
+are cold in a step that touches every layer once).
+"""
+
+import argparse
+import collections
+import importlib
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+
+import cuda_compile  # noqa: E402
+
+import mlx_quant_ops as mqo  # noqa: E402
+from mlx_quant_ops import affine  # noqa: E402
+
+HIDDEN, MLP = 512, 1792
+
+
+def build_model(layers: int):
+    from mlx_quant_ops.bench.decode_cases import _llama
+
+    llama = importlib.import_module("mlx_lm.models.llama")
+    mx.random.seed(0)
+    model = llama.Model(llama.ModelArgs(**_llama(HIDDEN, layers, MLP, 8, 2, 4096)))
+    model.set_dtype(mx.float16)
+    nn.quantize(model, group_size=64, bits=4)
+    mx.eval(model.parameters())
+    model.eval()
+    return model
+
+
+def time_layer_calls(totals: dict, which: list):
+    """Wrap both sets' linear and embedding classes' ``__call__`` to add
+    each call's time to ``totals[(layer set, kind)]``; ``which[0]`` names
+    the set."""
+
+    def wrap(cls, kind_of):
+        call = cls.__call__
+
+        def timed(self, x):
+            start = time.perf_counter()
+            y = call(self, x)
+            elapsed = time.perf_counter() - start
+            totals[(which[0], kind_of(self, x))] += elapsed
+            return y
+
+        cls.__call__ = timed
+
+    wrap(nn.QuantizedLinear, lambda layer, x: "MLX's layer")
+    wrap(nn.QuantizedEmbedding, lambda layer, x: "embedding")
+    wrap(mqo.nn.QuantizedEmbedding, lambda layer, x: "embedding")
+    wrap(
+        mqo.nn.QuantizedLinear,
+        lambda layer, x: (
+            "handed over"
+            if affine.layer_decode_on_builtin(x, layer["weight"], layer.bits)
+            else "our kernel"
+        ),
+    )
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=200)
+    parser.add_argument("--layers", type=int, default=8)
+    args = parser.parse_args(argv)
+    from mlx_lm.models.cache import make_prompt_cache
+
+    model = build_model(args.layers)
+    sets = {"mlx": model.leaf_modules()}
+    mqo.nn.patch(model)
+    sets["ours"] = model.leaf_modules()
+    limit = {bits: HIDDEN * MLP for bits in affine.LAYER_BUILTIN_DECODE_BELOW}
+    saved_limit = affine.LAYER_BUILTIN_DECODE_BELOW
+    totals, which = collections.defaultdict(float), ["mlx"]
+    builds = {key: [] for key in sets}
+    with cuda_compile.recording(forced=False):
+        affine.LAYER_BUILTIN_DECODE_BELOW = limit
+        try:
+            time_layer_calls(totals, which)
+            cache = make_prompt_cache(model)
+            prompt = mx.random.randint(0, 4096, (1, 32))
+            token = mx.argmax(model(prompt, cache=cache)[:, -1, :], axis=-1)
+            mx.eval(token)
+            for step in range(2 * (args.tokens + 8)):
+                which[0] = ("mlx", "ours")[step % 2]
+                model.update_modules(sets[which[0]])
+                start = time.perf_counter()
+                logits = model(token[None], cache=cache)
+                if step >= 16:  # both sets planned and compiled by then
+                    builds[which[0]].append(time.perf_counter() - start)
+                else:
+                    totals.clear()
+                token = mx.argmax(logits[:, -1, :], axis=-1)
+                mx.eval(token)
+        finally:
+            affine.LAYER_BUILTIN_DECODE_BELOW = saved_limit
+    for key in sets:
+        print(f"{key}: build {statistics.median(builds[key]) * 1e6:7.1f} us a token")
+        for (set_key, kind), seconds in sorted(totals.items()):
+            if set_key == key:
+                print(f"  {kind:<12} {seconds / args.tokens * 1e6:7.1f} us a token")
+
+
+if __name__ == "__main__":
+    main()
