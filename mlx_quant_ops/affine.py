@@ -878,38 +878,36 @@ _CPU_BUILTIN_MAX_ROWS = 16
 
 
 def _quantized_matmul_cpu(x, w, scales, biases, transpose, group_size, bits):
-    """The reference path's product (see _quantized_matmul_cpu_part), on a
-    CPU stream split by output columns over the cores when it is large."""
-    if not transpose:
-        return _quantized_matmul_cpu_part(x, w, scales, biases, False, group_size, bits)
-
-    def columns(start, stop):
-        part = _weight_rows(start, stop, w, scales, biases)
-        return _quantized_matmul_cpu_part(x, *part, True, group_size, bits)
-
-    n = w.shape[-2]
-    return _over_cores(columns, n, x.size * n)
-
-
-def _quantized_matmul_cpu_part(x, w, scales, biases, transpose, group_size, bits):
-    """MLX's float32 CPU kernel for a few rows of x times one weight on a
-    CPU stream, else the reference."""
+    """The reference path's product: on a CPU stream MLX's float32 CPU
+    kernel for a few rows of x times one weight, else the reference; split
+    by output columns over the cores when it is large."""
     rows = x.size // x.shape[-1]
-    few = w.ndim == 2 and rows <= _CPU_BUILTIN_MAX_ROWS
-    if not (few and _cpu_builtin()):
+    builtin = w.ndim == 2 and rows <= _CPU_BUILTIN_MAX_ROWS and _cpu_builtin()
+
+    def product(w, scales, biases):
+        if builtin:
+            return _float32_builtin(
+                mx.quantized_matmul,
+                x,
+                w,
+                scales,
+                biases,
+                transpose=transpose,
+                group_size=group_size,
+                bits=bits,
+            )
         return _quantized_matmul_reference(
             x, w, scales, biases, transpose, group_size, bits
         )
-    return _float32_builtin(
-        mx.quantized_matmul,
-        x,
-        w,
-        scales,
-        biases,
-        transpose=transpose,
-        group_size=group_size,
-        bits=bits,
-    )
+
+    if not transpose:
+        return product(w, scales, biases)
+
+    def columns(start, stop):
+        return product(*_weight_rows(start, stop, w, scales, biases))
+
+    n = w.shape[-2]
+    return _over_cores(columns, n, x.size * n)
 
 
 def _float32_builtin(builtin, x, w, scales, biases, **options):

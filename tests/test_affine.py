@@ -196,10 +196,7 @@ def test_quantized_matmul_shapes(path, dtype, transpose, m):
 @pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("group_size", GROUP_SIZES)
 def test_quantized_matmul_bits_and_groups(path, bits, group_size):
-    _check_bits_and_groups(mx.float32, bits, group_size)
-
-
-def _check_bits_and_groups(dtype, bits, group_size):
+    dtype = mx.float32
     for m, transpose in ((1, True), (5, True), (3, False)):
         k = 2 * group_size
         n = 37 if transpose else 2 * group_size

@@ -304,15 +304,22 @@ def test_layer_calls_replay_their_last_plan(monkeypatch, device):
         check_layer_replay(monkeypatch)
 
 
-def check_layer_replay(monkeypatch):
+def plan_visits(monkeypatch) -> list:
+    """The list each trip through an op's ``CallPlans`` appends its plan
+    function's name to (a call that did not replay a kept plan)."""
     visits = []
     call = CallPlans.call
 
-    def counted(self, *args):
-        visits.append(1)
-        return call(self, *args)
+    def counted(self, make, *args):
+        visits.append(make.__name__)
+        return call(self, make, *args)
 
     monkeypatch.setattr(CallPlans, "call", counted)
+    return visits
+
+
+def check_layer_replay(monkeypatch):
+    visits = plan_visits(monkeypatch)
     mx.random.seed(7)
     ours = mqo.nn.QuantizedLinear.from_quantized(
         nn.QuantizedLinear.from_linear(linear(128, 40, mx.float32), 64, 4)
@@ -865,14 +872,7 @@ def test_decode_steps_replay_on_the_cuda_path(monkeypatch, arch):
     # MLP and the head to our kernels, as on a Llama-3-8B-shaped model.
     table = {bits: 256 * 256 + 1 for bits in MEASURED_BUILTIN_DECODE_BELOW}
     monkeypatch.setattr(affine, "LAYER_BUILTIN_DECODE_BELOW", table)
-    visits = []
-    call = CallPlans.call
-
-    def counted(self, make, *args):
-        visits.append(make.__name__)
-        return call(self, make, *args)
-
-    monkeypatch.setattr(CallPlans, "call", counted)
+    visits = plan_visits(monkeypatch)
     with recording(forced=False) as launches:
         cache = make_prompt_cache(model)
         token = mx.argmax(model(((mx.arange(24) * 13) % VOCAB)[None], cache=cache))
