@@ -34,7 +34,6 @@ are cold in a step that touches every layer once).
 
 import argparse
 import collections
-import importlib
 import statistics
 import sys
 import time
@@ -50,21 +49,10 @@ import cuda_compile  # noqa: E402
 
 import mlx_quant_ops as mqo  # noqa: E402
 from mlx_quant_ops import affine  # noqa: E402
+from mlx_quant_ops.bench.decode_cases import _llama, model_and_layer_sets  # noqa: E402
 
 HIDDEN, MLP = 512, 1792
-
-
-def build_model(layers: int):
-    from mlx_quant_ops.bench.decode_cases import _llama
-
-    llama = importlib.import_module("mlx_lm.models.llama")
-    mx.random.seed(0)
-    model = llama.Model(llama.ModelArgs(**_llama(HIDDEN, layers, MLP, 8, 2, 4096)))
-    model.set_dtype(mx.float16)
-    nn.quantize(model, group_size=64, bits=4)
-    mx.eval(model.parameters())
-    model.eval()
-    return model
+WARMUP_STEPS = 16  # both sets planned and compiled by then
 
 
 def time_layer_calls(totals: dict, which: list):
@@ -104,13 +92,12 @@ def main(argv=None):
     args = parser.parse_args(argv)
     from mlx_lm.models.cache import make_prompt_cache
 
-    model = build_model(args.layers)
-    sets = {"mlx": model.leaf_modules()}
-    mqo.nn.patch(model)
-    sets["ours"] = model.leaf_modules()
+    model, sets = model_and_layer_sets(
+        "llama", _llama(HIDDEN, args.layers, MLP, 8, 2, 4096)
+    )
     limit = {bits: HIDDEN * MLP for bits in affine.LAYER_BUILTIN_DECODE_BELOW}
     saved_limit = affine.LAYER_BUILTIN_DECODE_BELOW
-    totals, which = collections.defaultdict(float), ["mlx"]
+    totals, which = collections.defaultdict(float), ["builtin"]
     builds = {(key, place): [] for key in sets for place in ("first", "second")}
     with cuda_compile.recording(forced=False):
         affine.LAYER_BUILTIN_DECODE_BELOW = limit
@@ -124,16 +111,17 @@ def main(argv=None):
                 logits = model(prompt, cache=caches[key])
                 tokens[key] = mx.argmax(logits[:, -1, :], axis=-1)
             mx.eval(tokens)
-            for step in range(args.tokens + 16):
-                if step < 16:  # both sets planned and compiled by then
+            for step in range(args.tokens + WARMUP_STEPS):
+                timed = step >= WARMUP_STEPS
+                if not timed:
                     totals.clear()
-                order = ("mlx", "ours") if step % 2 else ("ours", "mlx")
+                order = ("builtin", "ours") if step % 2 else ("ours", "builtin")
                 for key, place in zip(order, ("first", "second")):
                     which[0] = key
                     model.update_modules(sets[key])
                     start = time.perf_counter()
                     logits = model(tokens[key][None], cache=caches[key])
-                    if step >= 16:
+                    if timed:
                         builds[(key, place)].append(time.perf_counter() - start)
                     tokens[key] = mx.argmax(logits[:, -1, :], axis=-1)
                 mx.eval(tokens)

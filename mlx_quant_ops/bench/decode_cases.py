@@ -138,6 +138,33 @@ def _host_us(model, prompt: mx.array, tokens: int) -> float:
     return statistics.median(times) * 1e6
 
 
+def model_and_layer_sets(module: str, fields: dict):
+    """An mlx-lm model (``mlx_lm.models.<module>`` built from ``fields``,
+    random weights, float16, quantized to 4 bits in groups of 64) and its
+    two layer sets, MLX's (``"builtin"``) and ours (``"ours"``), for
+    ``model.update_modules``. Both sets share the same arrays, so swapping
+    them is free; the model is left patched.
+
+    Returns:
+        tuple: the model and the dict of layer sets.
+    """
+    import importlib
+
+    from .. import nn as mqo_nn
+
+    models = importlib.import_module(f"mlx_lm.models.{module}")
+    mx.random.seed(0)
+    model = models.Model(models.ModelArgs(**fields))
+    model.set_dtype(mx.float16)
+    nn.quantize(model, group_size=64, bits=4)
+    mx.eval(model.parameters())
+    model.eval()
+    layer_sets = {"builtin": model.leaf_modules()}
+    mqo_nn.patch(model)
+    layer_sets["ours"] = model.leaf_modules()
+    return model, layer_sets
+
+
 def run(quick: bool, log=print) -> List[DecodeRow]:
     """Time each model on MLX's layers and patched, alternating the two
     (best of :data:`ROUNDS` passes each); print each row.
@@ -145,25 +172,11 @@ def run(quick: bool, log=print) -> List[DecodeRow]:
     Returns:
         list[DecodeRow]: the measured rows.
     """
-    import importlib
-
-    from .. import nn as mqo_nn
-
     rows = []
     for name, module, fields in QUICK_MODELS if quick else FULL_MODELS:
-        models = importlib.import_module(f"mlx_lm.models.{module}")
-        mx.random.seed(0)
-        model = models.Model(models.ModelArgs(**fields))
-        model.set_dtype(mx.float16)
-        nn.quantize(model, group_size=64, bits=4)
-        mx.eval(model.parameters())
-        model.eval()
+        model, layer_sets = model_and_layer_sets(module, fields)
         prompt = mx.random.randint(0, fields["vocab_size"], (PROMPT_TOKENS,))
         tokens = 8 if quick else DECODE_TOKENS
-        # Both layer sets share the same arrays; swapping them is free.
-        layer_sets = {"builtin": model.leaf_modules()}
-        mqo_nn.patch(model)
-        layer_sets["ours"] = model.leaf_modules()
         passes = {key: [] for key in layer_sets}
         host = {}
         for round_ in range(ROUNDS + 1):
