@@ -17,7 +17,6 @@ import contextvars
 import functools
 import hashlib
 import importlib.util
-import operator
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +25,9 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import mlx.core as mx
 
 from . import _validate as check
-from ._backend import StreamLike, backend, override, stream_name
+from ._backend import StreamLike
+from ._backend import _override as _forced_path
+from ._backend import backend, override, stream_name
 
 # When set, every launch pre-fills its outputs with this value (NaN for
 # floats) so an element a kernel fails to write shows up in tests instead of
@@ -277,8 +278,8 @@ def clear_plans() -> None:
     """Forget every planned launch and planned call (:class:`CallPlans`).
     Plans follow the dispatch rules and tunables of the moment they were
     made; a test that changes those (or the GPU the ops believe they run
-    on) clears them first. A :class:`LastCall` kept before then no longer
-    matches (see :func:`plan_context`)."""
+    on) clears them first. A :class:`LayerReplay` kept before then no
+    longer matches (see :func:`plan_context`)."""
     global _plan_generation
     _plan_generation += 1
     for cached in _PLAN_CACHES:
@@ -352,7 +353,7 @@ class CallPlans:
     ) -> Tuple[object, Optional[Callable]]:
         """As calling the CallPlans, and also the planned function of
         ``arrays`` that computed the result (``None`` for a call that cannot
-        be keyed), for a caller that keeps its own :class:`LastCall`."""
+        be keyed), for a caller that keeps its own :class:`LayerReplay`."""
         key = check.signature(arrays, options)
         if key is not None:
             key = (plan_context(stream), key)
@@ -379,200 +380,140 @@ def plan_context(stream: StreamLike) -> tuple:
     return (stream_name(stream), *_switches())
 
 
-class LastCall:
-    """One caller's last planned call of an op, for a caller that repeats
-    it with the same arrays for most arguments: a layer, whose weights,
-    scales and biases stay the same objects from token to token.
+class LayerReplay:
+    """A layer's last planned call, kept so that the layer's next call with
+    the same arrays and an input of the same shape and dtype runs the
+    planned function at once.
 
-    Checking those by identity, and only the other arrays (the activations,
-    the expert indices) by shape and dtype, costs about a third of building
-    the op's whole signature, on a path mlx-lm takes for every layer of
-    every decoded token. Anything else (new weight objects, a new shape,
-    another stream, option or forced path) goes through the op's
-    :class:`CallPlans` as any call does.
+    mlx-lm calls every projection of every layer once a token, and builds
+    the step's graph on the host, so the Python between a layer's call and
+    its op counts: on an H200's host our layer's calls took 1.4x (handed to
+    MLX's built-in) to 3.7x (our kernel) the time of MLX's own layer's
+    (README), and nested Python calls and checks were much of the excess. So a layer keeps this record after a call that went through the
+    op's :class:`CallPlans`, and its next call goes through one method,
+    :meth:`run_if_current`, that compares everything the plan rests on in
+    one expression:
 
-    The held arrays and the options are compared by identity: a layer
-    passes the same objects every time, and Python keeps one object for
-    each small int, bool and literal string, so ``1`` never passes for
-    ``True``; equal objects that are not the same only cost a trip through
-    the CallPlans. The held arrays stay alive until the next call or
-    :meth:`forget`, which keeps the identity check exact. A call handed to
-    another library's op (:meth:`swap`) replays on a lighter check
-    (:meth:`replay_swapped`), since that op checks its arrays itself.
+    - the input's (and an MoE layer's expert indices') shape and dtype;
+    - the layer's arrays and options, by identity: a layer passes the same
+      objects every time, Python keeps one object per small int, bool and
+      literal string (so ``1`` never passes for ``True``), and equal
+      objects that are not the same only cost a trip through the plans;
+    - the forced path and the testing switches by identity, and the plan
+      generation (see :func:`plan_context`);
+    - the default device, since a CPU call takes the reference path.
+
+    The default stream is not compared: a GPU plan for ``stream=None`` goes
+    through ``mx.compile``, which traces again on another default stream,
+    and the reference path's function reads the stream as it runs.
+
+    The record holds the layer's arrays, so the layer drops it when one of
+    them is replaced (see ``mlx_quant_ops.nn``). The planned function may
+    be another library's op computing the same product (a layer's small
+    decodes go to MLX's built-in); the plan that chose it rests on the same
+    things.
     """
 
     __slots__ = (
-        "_fixed",
-        "_key",
-        "_run",
-        "_device",
-        "_x",
-        "_more",
-        "_switches",
-        "_swapped",
+        "run",
+        "x_shape",
+        "x_dtype",
+        "indices_shape",
+        "indices_dtype",
+        "weight",
+        "scales",
+        "biases",
+        "group_size",
+        "bits",
+        "flag",
+        "forced_path",
+        "poison",
+        "includes",
+        "generation",
+        "device",
     )
 
-    def __init__(self):
-        self.forget()
-
-    def forget(self) -> None:
-        """Drop the kept call and its arrays (a layer whose arrays were
-        replaced calls this, so the old ones are not kept alive)."""
-        self._fixed = ()
-        self._key = None
-        self._run = None
-        # What :meth:`replay` checks; ``_device`` is None unless the kept
-        # call was compiled for the default stream.
-        self._device = None
-        self._x, self._more, self._switches = [], [], ()
-        # What :meth:`replay_swapped` compares; None unless :meth:`swap` ran.
-        self._swapped = None
-
-    def replay(self, fixed: tuple, x: mx.array, *more: mx.array) -> Optional[Callable]:
-        """The kept planned function, if it can run a layer's call whose
-        varying arrays are ``x`` and ``more`` and whose other arguments
-        (arrays, then options) are ``fixed``, with nothing to build; else
-        None (call the LastCall then).
-
-        The fast path of a layer in a decode step, where each Python step
-        counts (on the H100's host, the checks cost more than MLX's whole
-        built-in op): the varying arrays' shapes and dtypes, ``fixed`` by
-        identity, the testing and forcing switches, and the default device
-        (a CPU call must take the reference path uncompiled, as the
-        CallPlans run it). The default stream is not compared: a plan for
-        ``stream=None`` reads it while ``mx.compile`` traces, and the
-        compiled function traces again on another default stream.
-
-        Args:
-            fixed: the call's arguments other than the varying arrays, as
-                ``held`` then ``options`` in the LastCall's call.
-            x: the call's first varying array (the activations).
-            more: the other varying arrays (an MoE layer's expert indices),
-                in the order the LastCall's call gave them.
-
-        Returns:
-            The function of the call's ``arrays``, or None.
-        """
-        if self._device is None or type(x) is not mx.array:
-            return None
-        if more or self._more:
-            seen = []  # flat (shape, dtype, shape, dtype, ...)
-            for a in more:
-                if type(a) is not mx.array:
-                    return None
-                seen += (a.shape, a.dtype)
-            if seen != self._more:
-                return None
-        if (
-            [x.shape, x.dtype] == self._x
-            and len(fixed) == len(self._fixed)
-            and all(map(operator.is_, fixed, self._fixed))
-            # Equality, not identity: the switches hold no arrays, and
-            # comparing two tuples stops at the first identical pair.
-            and _switches() == self._switches
-            and mx.default_device() == self._device
-        ):
-            return self._run
-        return None
-
-    def swap(self, run: Callable) -> bool:
-        """Replay ``run`` instead of the kept planned function: through
-        :meth:`replay_swapped` while what chose it holds (the input's shape
-        and dtype, the forced path, the default device, the plan
-        generation), and through :meth:`replay` as the planned one was.
-
-        For a caller that, once the op has checked and planned a call,
-        hands calls of that kind to another function computing the same
-        product (a layer's small decodes to MLX's built-in).
-
-        Args:
-            run: takes the call's ``arrays`` as the planned function does.
-
-        Returns:
-            bool: False, and nothing kept, where the last call is not kept
-            for :meth:`replay` (an explicit stream, the reference path).
-        """
-        if self._device is None:
-            return False
-        self._run = run
-        x_shape, x_dtype = self._x
-        self._swapped = (x_shape, x_dtype, override(), self._device, _plan_generation)
-        return True
-
-    def replay_swapped(self, x: mx.array) -> Optional[Callable]:
-        """The function :meth:`swap` put in, if ``x`` has the kept call's
-        shape and dtype and the forced path, default device and plan
-        generation are the kept call's; else None.
-
-        Cheaper than :meth:`replay` (about a third of its cost) because it
-        compares no held arrays or options: a swapped-in function is another
-        library's op (MLX's built-in), which checks the arrays it is given
-        itself, and the caller passes its current ones. Only the choice of
-        that op rests on the kept call, so only what the choice depends on
-        is compared. A layer's small decodes take this path every token.
-
-        Args:
-            x: the call's activations.
-
-        Returns:
-            The swapped-in function of the call's ``arrays``, or None.
-        """
-        swapped = self._swapped
-        if (
-            swapped is not None
-            and type(x) is mx.array
-            and (x.shape, x.dtype, override(), mx.default_device(), _plan_generation)
-            == swapped
-        ):
-            return self._run
-        return None
-
-    def __call__(
+    def __init__(
         self,
-        plans: CallPlans,
-        make: Callable,
-        stream: StreamLike,
-        arrays: Tuple[Optional[mx.array], ...],
-        options: tuple,
-        varying: Tuple[mx.array, ...],
-        held: Tuple[mx.array, ...],
+        run: Callable,
+        x: mx.array,
+        weight: mx.array,
+        scales: mx.array,
+        biases: mx.array,
+        group_size: int,
+        bits: int,
+        indices: Optional[mx.array] = None,
+        flag: Optional[bool] = None,
     ):
-        """``plans(make, stream, arrays, options)``, replaying the last
-        call's planned function when nothing it depends on changed.
+        """Keep ``run``, planned for these arguments on the default stream.
 
         Args:
-            plans, make, stream, arrays, options: as for :class:`CallPlans`.
-            varying: the arrays of ``arrays`` that change between calls
-                (compared by shape and dtype).
-            held: the rest of ``arrays`` (compared by identity).
+            run: the planned function, taking the arrays the layer passes.
+            x: the input the call was planned for.
+            weight, scales, biases: the layer's arrays.
+            group_size, bits: the layer's options.
+            indices: an MoE layer's expert indices (None for a linear one).
+            flag: an MoE layer's ``sorted_indices`` option.
+        """
+        self.run = run
+        self.x_shape, self.x_dtype = x.shape, x.dtype
+        if indices is None:
+            self.indices_shape = self.indices_dtype = None
+        else:
+            self.indices_shape, self.indices_dtype = indices.shape, indices.dtype
+        self.weight, self.scales, self.biases = weight, scales, biases
+        self.group_size, self.bits, self.flag = group_size, bits, flag
+        self.forced_path = _forced_path.get()
+        self.poison = _poison.get()
+        self.includes = CUDA_INCLUDES.get()
+        self.generation = _plan_generation
+        self.device = mx.default_device()
+
+    def run_if_current(
+        self,
+        x: mx.array,
+        weight: mx.array,
+        scales: mx.array,
+        biases: mx.array,
+        group_size: int,
+        bits: int,
+        indices: Optional[mx.array] = None,
+        flag: Optional[bool] = None,
+    ) -> Optional[Callable]:
+        """The kept function, if it was planned for a call like this one
+        (arguments as for the constructor); else None.
+
+        One expression with no nested Python calls: it runs for every layer
+        of every decoded token.
 
         Returns:
-            What the op returns.
+            The planned function, or None (plan the call then).
         """
-        key = [plan_context(stream)]
-        for a in varying:
-            if type(a) is not mx.array:
-                return plans(make, stream, arrays, options)
-            key.append(a.shape)
-            key.append(a.dtype)
-        key = tuple(key)
-        fixed = (*held, *options)
         if (
-            key == self._key
-            and len(fixed) == len(self._fixed)
-            and all(map(operator.is_, fixed, self._fixed))
+            type(x) is mx.array
+            and x.shape == self.x_shape
+            and x.dtype == self.x_dtype
+            and weight is self.weight
+            and scales is self.scales
+            and biases is self.biases
+            and group_size is self.group_size
+            and bits is self.bits
+            and flag is self.flag
+            and (
+                indices is None
+                if self.indices_shape is None
+                else type(indices) is mx.array
+                and indices.shape == self.indices_shape
+                and indices.dtype == self.indices_dtype
+            )
+            and _forced_path.get() is self.forced_path
+            and _poison.get() is self.poison
+            and CUDA_INCLUDES.get() is self.includes
+            and _plan_generation == self.generation
+            and mx.default_device() == self.device
         ):
-            return self._run(*arrays)
-        result, run = plans.call(make, stream, arrays, options)
-        self.forget()
-        if run is not None:
-            self._fixed, self._key, self._run = fixed, key, run
-            if stream is None and backend(None) != "reference":
-                self._device = mx.default_device()
-                self._x = [varying[0].shape, varying[0].dtype]
-                self._more = [v for a in varying[1:] for v in (a.shape, a.dtype)]
-                self._switches = _switches()
-        return result
+            return self.run
+        return None
 
 
 def _switches() -> tuple:

@@ -29,7 +29,7 @@ and ``biases`` follow the same path as the forward pass.
 import dataclasses
 import functools
 import os
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import mlx.core as mx
 import numpy as np
@@ -40,7 +40,6 @@ from ._backend import StreamKey, StreamLike, backend, dispatch, override
 from ._kernels import (
     CallPlans,
     KernelSpec,
-    LastCall,
     Launcher,
     ceil_to,
     device_table,
@@ -1483,33 +1482,29 @@ def _builtin_layer_matmul(group_size: int, bits: int):
 
 
 def _layer_quantized_matmul(
-    last_call: LastCall, x, w, scales, biases, group_size, bits
-) -> mx.array:
+    x, w, scales, biases, group_size, bits
+) -> Tuple[mx.array, Optional[Callable]]:
     """``quantized_matmul(x, w, scales, biases, transpose=True, ...)`` for a
-    layer holding ``w``, ``scales`` and ``biases``, through the layer's
-    ``last_call`` (see :class:`LastCall`). Checked and planned as the op
-    is, then run by ``mx.quantized_matmul`` where
-    :func:`layer_decode_on_builtin` says so."""
-    run = last_call.replay_swapped(x)
-    if run is None:
-        fixed = (w, scales, biases, True, group_size, bits, "affine")
-        run = last_call.replay(fixed, x)
-    if run is not None:
-        return run(x, w, scales, biases)
-    y = last_call(
-        _QUANTIZED_MATMUL_CALLS,
+    layer holding ``w``, ``scales`` and ``biases``: checked and planned as
+    the op is, then run by ``mx.quantized_matmul`` where
+    :func:`layer_decode_on_builtin` says so.
+
+    Returns:
+        The product, and the function of ``(x, w, scales, biases)`` that
+        computed it, for the layer to keep in a
+        :class:`~mlx_quant_ops._kernels.LayerReplay` (None where the call
+        cannot be kept: arguments the plans cannot key).
+    """
+    y, run = _QUANTIZED_MATMUL_CALLS.call(
         _plan_quantized_matmul,
         None,
         (x, w, scales, biases),
         (True, group_size, bits, "affine"),
-        (x,),
-        (w, scales, biases),
     )
-    if layer_decode_on_builtin(x, w, bits):
+    if run is not None and layer_decode_on_builtin(x, w, bits):
         run = _builtin_layer_matmul(group_size, bits)
-        if last_call.swap(run):
-            return run(x, w, scales, biases)
-    return y
+        y = run(x, w, scales, biases)
+    return y, run
 
 
 def _plan_quantized_matmul(
@@ -1887,23 +1882,22 @@ _GATHER_QMM_CALLS = CallPlans()
 
 
 def _layer_gather_qmm(
-    last_call: LastCall, x, w, scales, biases, indices, group_size, bits, sorted_indices
-) -> mx.array:
+    x, w, scales, biases, indices, group_size, bits, sorted_indices
+) -> Tuple[mx.array, Optional[Callable]]:
     """``gather_qmm(x, w, scales, biases, rhs_indices=indices,
     transpose=True, ...)`` for a layer holding ``w``, ``scales`` and
-    ``biases``, through the layer's ``last_call`` (see :class:`LastCall`)."""
-    options = (True, group_size, bits, "affine", None, sorted_indices)
-    run = last_call.replay((w, scales, biases, *options), x, indices)
-    if run is not None:
-        return run(x, w, scales, biases, None, indices)
-    return last_call(
-        _GATHER_QMM_CALLS,
+    ``biases``, checked and planned as the op is.
+
+    Returns:
+        The product, and the function of ``(x, w, scales, biases,
+        lhs_indices, rhs_indices)`` that computed it (None where the call
+        cannot be kept), as :func:`_layer_quantized_matmul`.
+    """
+    return _GATHER_QMM_CALLS.call(
         _plan_gather_qmm,
         None,
         (x, w, scales, biases, None, indices),
-        options,
-        (x, indices),
-        (w, scales, biases),
+        (True, group_size, bits, "affine", None, sorted_indices),
     )
 
 

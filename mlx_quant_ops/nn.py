@@ -32,7 +32,7 @@ from mlx.utils import tree_map_with_path
 
 from . import _validate as check
 from . import affine
-from ._kernels import LastCall
+from ._kernels import LayerReplay
 
 try:
     from mlx_lm.models.switch_layers import (
@@ -76,7 +76,7 @@ def _adopt(cls, base: type, layer: nn.Module, op: str) -> nn.Module:
     # Plain attributes first (group_size, bits, mode, _training, ...), then
     # the arrays, which a Module keeps as its dict items.
     adopted.__dict__.update(layer.__dict__)
-    adopted.__dict__.pop("_last_call", None)  # never share another's
+    adopted.__dict__.pop("_replay", None)  # never share another's
     adopted._no_grad = set(layer._no_grad)
     dict.update(adopted, layer)
     return adopted
@@ -84,40 +84,28 @@ def _adopt(cls, base: type, layer: nn.Module, op: str) -> nn.Module:
 
 class _PlannedCalls:
     """Mixed into each layer: its last planned op call (a
-    :class:`~mlx_quant_ops._kernels.LastCall`), so the layer's next call
-    with the same weight arrays skips building the op's whole signature.
-    Replacing an array of the layer (``update``, ``load_weights``,
-    assignment: all go through ``__setitem__``) drops it, so old weights
-    are not kept alive."""
+    :class:`~mlx_quant_ops._kernels.LayerReplay`), so the layer's next call
+    with the same arrays skips the op's checks and plans. Replacing an
+    array of the layer (``update``, ``load_weights``, assignment, deletion:
+    all go through ``__setitem__`` or ``__delitem__``) drops it, so old
+    weights are not kept alive; arrays put in behind the layer's back are
+    caught by the replay's identity checks."""
 
-    _last_call: Optional[LastCall] = None  # made on first use (see _adopt)
+    _replay: Optional[LayerReplay] = None
 
-    def _planned_calls(self) -> LastCall:
-        last = self._last_call
-        if last is None:
-            last = LastCall()
-            object.__setattr__(self, "_last_call", last)
-        return last
+    def _keep(self, run: Optional[Callable], *args) -> None:
+        """Keep ``run`` for the next call (see :class:`LayerReplay` for the
+        arguments); a call that could not be kept drops the last one."""
+        replay = None if run is None else LayerReplay(run, *args)
+        object.__setattr__(self, "_replay", replay)
 
     def __setitem__(self, key, value):
-        if self._last_call is not None:
-            self._last_call.forget()
+        object.__setattr__(self, "_replay", None)
         super().__setitem__(key, value)
 
-
-def _matmul_by_table(layer: nn.Module, x: mx.array) -> mx.array:
-    """``x @ W.T`` for a layer holding an affine-quantized ``[out, in]``
-    table ``W`` (a linear layer's weight, or an embedding used as the output
-    projection)."""
-    return affine._layer_quantized_matmul(
-        layer._last_call or layer._planned_calls(),
-        x,
-        layer["weight"],
-        layer["scales"],
-        layer["biases"],
-        layer.group_size,
-        layer.bits,
-    )
+    def __delitem__(self, key):
+        object.__setattr__(self, "_replay", None)
+        super().__delitem__(key)
 
 
 class QuantizedLinear(_PlannedCalls, nn.QuantizedLinear):
@@ -150,7 +138,21 @@ class QuantizedLinear(_PlannedCalls, nn.QuantizedLinear):
         super().__init__(input_dims, output_dims, bias, group_size, bits, mode)
 
     def __call__(self, x: mx.array) -> mx.array:
-        y = _matmul_by_table(self, x)
+        # Also the tied output projection of QuantizedEmbedding.as_linear.
+        w, scales, biases = self["weight"], self["scales"], self["biases"]
+        replay = self._replay
+        run = None
+        if replay is not None:
+            run = replay.run_if_current(
+                x, w, scales, biases, self.group_size, self.bits
+            )
+        if run is not None:
+            y = run(x, w, scales, biases)
+        else:
+            y, run = affine._layer_quantized_matmul(
+                x, w, scales, biases, self.group_size, self.bits
+            )
+            self._keep(run, x, w, scales, biases, self.group_size, self.bits)
         if "bias" in self:
             y = y + self["bias"]
         return y
@@ -248,7 +250,8 @@ class QuantizedEmbedding(_PlannedCalls, nn.QuantizedEmbedding):
         Returns:
             mlx.core.array: ``[..., num_embeddings]``.
         """
-        return _matmul_by_table(self, x)
+        # A linear layer's forward over the table (which has no bias).
+        return QuantizedLinear.__call__(self, x)
 
     @classmethod
     def from_embedding(
@@ -407,17 +410,23 @@ class QuantizedSwitchLinear(_PlannedCalls, _SwitchBase):
         Returns:
             mlx.core.array: ``[..., M, N]``.
         """
-        y = affine._layer_gather_qmm(
-            self._planned_calls(),
-            x,
-            self["weight"],
-            self["scales"],
-            self["biases"],
-            indices,
-            self.group_size,
-            self.bits,
-            sorted_indices,
-        )
+        w, scales, biases = self["weight"], self["scales"], self["biases"]
+        group_size, bits = self.group_size, self.bits
+        replay = self._replay
+        run = None
+        if replay is not None:
+            run = replay.run_if_current(
+                x, w, scales, biases, group_size, bits, indices, sorted_indices
+            )
+        if run is not None:
+            y = run(x, w, scales, biases, None, indices)
+        else:
+            y, run = affine._layer_gather_qmm(
+                x, w, scales, biases, indices, group_size, bits, sorted_indices
+            )
+            self._keep(
+                run, x, w, scales, biases, group_size, bits, indices, sorted_indices
+            )
         if "bias" in self:
             y = y + mx.expand_dims(self["bias"][indices], -2)
         return y

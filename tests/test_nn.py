@@ -296,10 +296,10 @@ def test_layer_calls_replay_their_last_plan(monkeypatch, device):
     """A layer called again with the same weight arrays and input shape
     replays its last planned call without going back to the op's
     CallPlans. New arrays (assigned, updated, or swapped in behind the
-    layer's back), a new shape, a forced path or a bad option go back
-    there, and every result is the product of the layer's current arrays.
-    (On the GPU a layer replays through ``LastCall.replay``, on the CPU
-    through the full check.)"""
+    layer's back), a new shape, a forced path, a changed or bad option go
+    back there, and every result is the product of the layer's current
+    arrays (on the GPU the compiled kernel call, on the CPU the reference
+    path's)."""
     with mx.stream(device):
         check_layer_replay(monkeypatch)
 
@@ -358,6 +358,13 @@ def check_layer_replay(monkeypatch):
         check(second[:1])
     with mx.stream(mx.cpu):
         check(first[:1])
+    # Options are the layer's attributes, not arrays: a new group size over
+    # the old scales goes back to the op's checks, which refuse it.
+    ours.group_size = 32
+    with pytest.raises(ValueError, match="quantized_matmul"):
+        ours(first[:1])
+    ours.group_size = 64
+    check(first[:1])
     # An option is kept by identity: 1 never stands in for True.
     sw = mqo.nn.QuantizedSwitchLinear(128, 16, 4)
     xs, experts = mx.random.normal((2, 1, 128)), mx.array([1, 2])
@@ -403,44 +410,86 @@ def test_builtin_decode_rule(monkeypatch):
         assert not rule(one, below, 4)
 
 
-def test_swapped_call_replays_on_what_chose_it(monkeypatch):
-    """``LastCall.replay_swapped`` gives back the function ``swap`` put in
-    for the kept call's input shape and dtype, forced path, default device
-    and plan generation only; anything else goes back to planning. (The
-    GPU path is pretended: on the CPU no call is kept for replay.)"""
-    monkeypatch.setattr(_kernels, "backend", lambda stream=None: "cuda")
-    plans, last = CallPlans(), _kernels.LastCall()
-    x, w = mx.ones((1, 4)), mx.full((4,), 2.0)
+def test_handed_over_call_replays_on_the_layers_options(monkeypatch):
+    """A decode call handed to MLX's built-in (on the CUDA path, simulated:
+    MLX's op runs on the CPU) replays while the layer's arrays and options
+    stay; a changed option goes back to the op's checks instead of running
+    the built-in with the old one."""
+    from cuda_compile import recording
 
-    def make(stream, x, w, option):
-        return lambda x, w: x * w
+    monkeypatch.setattr(affine, "LAYER_BUILTIN_DECODE_BELOW", {4: 1 << 30})
+    visits = plan_visits(monkeypatch)
+    mx.random.seed(5)
+    theirs = nn.QuantizedLinear.from_linear(linear(128, 40, mx.float32), 64, 4)
+    ours = mqo.nn.QuantizedLinear.from_quantized(theirs)
+    x = sample((1, 128), "normal")
+    with recording(forced=False):
+        for _ in range(3):
+            y = ours(x)
+            assert "QuantizedMatmul" in graph_ops(y)
+            assert mx.array_equal(y, theirs(x))
+        assert visits == ["_plan_quantized_matmul"]
+        ours.group_size = 32
+        with pytest.raises(ValueError, match="quantized_matmul"):
+            ours(x)
+        ours.group_size = 64  # the kept call's option again: it replays
+        assert mx.array_equal(ours(x), theirs(x))
+    assert visits == ["_plan_quantized_matmul"] * 2
 
-    def builtin(x, w):
-        return x + w
 
-    assert mx.array_equal(last(plans, make, None, (x, w), ("o",), (x,), (w,)), x * w)
-    assert last.swap(builtin)
-    assert last.replay_swapped(mx.zeros((1, 4))) is builtin
-    assert last.replay_swapped(mx.zeros((2, 4))) is None
-    assert last.replay_swapped(mx.zeros((1, 4), mx.float16)) is None
-    assert last.replay_swapped(np.zeros((1, 4), np.float32)) is None
+def test_layer_replay_runs_only_what_it_was_planned_for(monkeypatch):
+    """``LayerReplay.run_if_current`` gives back the kept function for a
+    call with an input (and expert indices) of the kept shapes and dtypes,
+    the same array and option objects, forced path, testing switches, plan
+    generation and default device; anything else goes back to planning."""
+    run = lambda *arrays: None  # noqa: E731
+    w, scales, biases = mx.zeros((8, 4), mx.uint32), mx.ones((8, 1)), mx.ones((8, 1))
+    x, experts = mx.ones((1, 32)), mx.array([[1, 2]])
+    linear_call = (w, scales, biases, 32, 4)
+    replay = _kernels.LayerReplay(run, x, *linear_call)
+    assert replay.run_if_current(mx.zeros((1, 32)), *linear_call) is run
+    # The input: shape, dtype, type.
+    assert replay.run_if_current(mx.zeros((2, 32)), *linear_call) is None
+    assert replay.run_if_current(x.astype(mx.float16), *linear_call) is None
+    assert replay.run_if_current(np.ones((1, 32), np.float32), *linear_call) is None
+    # The layer's arrays and options, by identity.
+    for position, other in enumerate([mx.array(w), mx.array(scales), mx.array(biases)]):
+        changed = list(linear_call)
+        changed[position] = other
+        assert replay.run_if_current(x, *changed) is None
+    assert replay.run_if_current(x, w, scales, biases, 64, 4) is None
+    assert replay.run_if_current(x, w, scales, biases, 32, 8) is None
+    # What the plan rests on besides its arguments.
     with mqo.use_backend("reference"):
-        assert last.replay_swapped(x) is None
+        assert replay.run_if_current(x, *linear_call) is None
+    with _kernels.poison_outputs():
+        assert replay.run_if_current(x, *linear_call) is None
+    token = _kernels.CUDA_INCLUDES.set(False)
+    assert replay.run_if_current(x, *linear_call) is None
+    _kernels.CUDA_INCLUDES.reset(token)
     with mx.stream(mx.new_stream(mx.default_device())):
-        assert last.replay_swapped(x) is builtin  # streams are not compared
-    monkeypatch.setattr(mx, "default_device", lambda: mx.Device(mx.gpu))
-    assert last.replay_swapped(x) is None
+        assert replay.run_if_current(x, *linear_call) is run  # not compared
+    other_device = mx.gpu if mx.default_device() == mx.cpu else mx.cpu
+    monkeypatch.setattr(mx, "default_device", lambda: mx.Device(other_device))
+    assert replay.run_if_current(x, *linear_call) is None
     monkeypatch.undo()
+    assert replay.run_if_current(x, *linear_call) is run
     clear_plans()
-    assert last.replay_swapped(x) is None
-    monkeypatch.setattr(_kernels, "backend", lambda stream=None: "cuda")
-    last(plans, make, None, (x, w), ("o",), (x,), (w,))
-    assert last.swap(builtin) and last.replay_swapped(x) is builtin
-    last.forget()
-    assert last.replay_swapped(x) is None
-    # A call on an explicit stream is not kept, so nothing is swapped in.
-    last(plans, make, mx.cpu, (x, w), ("o",), (x,), (w,))
-    assert not last.swap(builtin) and last.replay_swapped(x) is None
+    assert replay.run_if_current(x, *linear_call) is None
+    # An MoE layer's call: the indices by shape and dtype, its flag by
+    # identity (1 never passes for True); a linear layer's replay takes
+    # no indices and a switch layer's needs them.
+    switch = _kernels.LayerReplay(run, x, *linear_call, experts, True)
+    assert switch.run_if_current(x, *linear_call, mx.array([[3, 0]]), True) is run
+    assert switch.run_if_current(x, *linear_call, mx.array([[3]]), True) is None
+    uint_experts = experts.astype(mx.uint32)
+    assert switch.run_if_current(x, *linear_call, uint_experts, True) is None
+    assert switch.run_if_current(x, *linear_call, experts, 1) is None
+    assert switch.run_if_current(x, *linear_call, experts, False) is None
+    assert switch.run_if_current(x, *linear_call, np.array([[1, 2]]), True) is None
+    assert switch.run_if_current(x, *linear_call) is None
+    linear = _kernels.LayerReplay(run, x, *linear_call)
+    assert linear.run_if_current(x, *linear_call, experts, None) is None
 
 
 def graph_ops(y):
@@ -494,9 +543,8 @@ def test_small_decodes_run_on_mlx_builtin(monkeypatch):
         assert ran_builtin(small, one) and ran_builtin(small, eight)
         assert mx.array_equal(small(one), theirs(one))
         assert not ran_builtin(small, sample((17, 2048), "normal", mx.float16))
-        # A handed-over call replays without comparing the layer's arrays
-        # (MLX's op checks them): arrays swapped in behind the layer's back
-        # are the ones multiplied.
+        # Arrays swapped in behind the layer's back are the ones multiplied
+        # (the replay compares them by identity and plans again).
         small(one)
         dict.__setitem__(small, "biases", small.biases + 1)
         expected = mx.quantized_matmul(
