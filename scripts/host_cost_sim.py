@@ -19,11 +19,14 @@ set's next build than for theirs and inflated our cost (about 1.4 times
 theirs instead of 1.15). It prints per layer set the median build time of
 a token when first and when second, and the time spent in each kind of
 layer call (summed over a token): MLX's layers, our handed-over calls, our
-kernel calls, the embedding lookup.
+kernel calls, the embedding lookup (``--no-call-times`` leaves out these
+timers, which add their own cost to every call); then the median ratio of
+our set's build to MLX's in neighbouring steps, which the host's drift
+over a run (1.2x or more on a shared machine) does not move.
 
 Run from the repository root::
 
-    python scripts/host_cost_sim.py [--tokens 200] [--layers 8]
+    python scripts/host_cost_sim.py [--tokens 200] [--layers 8] [--no-call-times]
 
 The model is a small Llama (hidden 512, MLP 1792) with the hand-over limit
 set so that attention projections go to MLX's built-in and the MLP and
@@ -142,6 +145,21 @@ def main(argv=None):
         for (set_key, kind), seconds in sorted(totals.items()):
             if set_key == key:
                 print(f"  {kind:<12} {seconds / args.tokens * 1e6:7.1f} us a token")
+    # Neighbouring steps in the same place, ours over MLX's: the host's
+    # speed drifts over a run, and the ratio of neighbours cancels that.
+    ratios = [
+        statistics.median(
+            ours / builtin
+            for ours, builtin in zip(
+                builds[("ours", place)], builds[("builtin", place)]
+            )
+        )
+        for place in ("first", "second")
+    ]
+    print(
+        "ours / builtin, neighbouring steps: "
+        f"{ratios[0]:.3f} first, {ratios[1]:.3f} second"
+    )
 
 
 if __name__ == "__main__":
