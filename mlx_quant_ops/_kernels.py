@@ -434,26 +434,19 @@ class LayerReplay:
     )
 
     def __init__(
-        self,
-        run: Callable,
-        x: mx.array,
-        weight: mx.array,
-        scales: mx.array,
-        biases: mx.array,
-        group_size: int,
-        bits: int,
-        indices: Optional[mx.array] = None,
-        flag: Optional[bool] = None,
+        self, run, x, weight, scales, biases, group_size, bits, indices=None, flag=None
     ):
         """Keep ``run``, planned for these arguments on the default stream.
 
         Args:
-            run: the planned function, taking the arrays the layer passes.
-            x: the input the call was planned for.
-            weight, scales, biases: the layer's arrays.
-            group_size, bits: the layer's options.
-            indices: an MoE layer's expert indices (None for a linear one).
-            flag: an MoE layer's ``sorted_indices`` option.
+            run (callable): the planned function, taking the arrays the
+                layer passes.
+            x (mlx.core.array): the input the call was planned for.
+            weight, scales, biases (mlx.core.array): the layer's arrays.
+            group_size, bits (int): the layer's options.
+            indices (mlx.core.array, optional): an MoE layer's expert
+                indices (None for a linear layer).
+            flag (bool, optional): an MoE layer's ``sorted_indices``.
         """
         self.run = run
         self.x_shape, self.x_dtype = x.shape, x.dtype
@@ -470,15 +463,7 @@ class LayerReplay:
         self.device = mx.default_device()
 
     def run_if_current(
-        self,
-        x: mx.array,
-        weight: mx.array,
-        scales: mx.array,
-        biases: mx.array,
-        group_size: int,
-        bits: int,
-        indices: Optional[mx.array] = None,
-        flag: Optional[bool] = None,
+        self, x, weight, scales, biases, group_size, bits, indices=None, flag=None
     ) -> Optional[Callable]:
         """The kept function, if it was planned for a call like this one
         (arguments as for the constructor); else None.
