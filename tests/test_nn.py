@@ -437,6 +437,35 @@ def test_handed_over_call_replays_on_the_layers_options(monkeypatch):
     assert visits == ["_plan_quantized_matmul"] * 2
 
 
+def test_layer_replay_keeps_no_replaced_arrays_alive():
+    """The replay a layer keeps holds its arrays; replacing (``update``) or
+    deleting them drops it, so their memory is freed at once, not at the
+    layer's next call."""
+
+    def mlx_layer():
+        layer = nn.QuantizedLinear.from_linear(
+            linear(1024, 2048, mx.float32, bias=False), 64, 4
+        )
+        mx.eval(layer.parameters())
+        return layer
+
+    keys = ("weight", "scales", "biases")
+    ours = mqo.nn.QuantizedLinear.from_quantized(mlx_layer())
+    x = mx.random.normal((1, 1024))
+    mx.eval(ours(x), ours(x))  # the second call replays the kept one
+    size = sum(ours[key].nbytes for key in keys)
+    replacement = dict(mlx_layer())  # its arrays, the layer let go
+    before = mx.get_active_memory()
+    ours.update(replacement)
+    assert before - mx.get_active_memory() >= size
+    mx.eval(ours(x), ours(x))
+    del replacement  # the layer and its replay hold the new arrays now
+    before = mx.get_active_memory()
+    for key in keys:
+        del ours[key]
+    assert before - mx.get_active_memory() >= size
+
+
 def test_layer_replay_runs_only_what_it_was_planned_for(monkeypatch):
     """``LayerReplay.run_if_current`` gives back the kept function for a
     call with an input (and expert indices) of the kept shapes and dtypes,
