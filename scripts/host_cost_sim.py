@@ -27,10 +27,12 @@ over a run (1.2x or more on a shared machine) does not move.
 Run from the repository root::
 
     python scripts/host_cost_sim.py [--tokens 200] [--layers 8] [--no-call-times]
+        [--model llama|qwen3_moe]
 
-The model is a small Llama (hidden 512, MLP 1792) with the hand-over limit
-set so that attention projections go to MLX's built-in and the MLP and
-head to our kernels, as on the Llama-3-8B shape on a GPU. In-model costs
+The model is a small Llama (hidden 512, MLP 1792), or a small Qwen3-MoE,
+with the hand-over limit set so that attention projections go to MLX's
+built-in and the MLP (or the experts) and head to our kernels, as on the
+Llama-3-8B and Qwen3-30B-A3B shapes on a GPU. In-model costs
 run several times the cost of the same call repeated in a loop (caches
 are cold in a step that touches every layer once).
 """
@@ -55,6 +57,26 @@ from mlx_quant_ops import affine  # noqa: E402
 from mlx_quant_ops.bench.decode_cases import _llama, model_and_layer_sets  # noqa: E402
 
 HIDDEN, MLP = 512, 1792
+# mlx-lm ModelArgs fields by number of layers: small models whose decode
+# calls choose as the full-size ones of the benchmark do.
+MODELS = {
+    "llama": lambda layers: _llama(HIDDEN, layers, MLP, 8, 2, 4096),
+    # Qwen3-30B-A3B's proportions: 128 experts of 768 (top 8) under a
+    # hidden size of 2048, here a quarter of each.
+    "qwen3_moe": lambda layers: dict(
+        _llama(HIDDEN, layers, MLP, 8, 2, 4096),
+        model_type="qwen3_moe",
+        num_experts=32,
+        num_experts_per_tok=8,
+        decoder_sparse_step=1,
+        mlp_only_layers=[],
+        moe_intermediate_size=192,
+        head_dim=64,
+        rope_theta=1e6,
+        max_position_embeddings=4096,
+        norm_topk_prob=True,
+    ),
+}
 WARMUP_STEPS = 16  # both sets planned and compiled by then
 
 
@@ -93,6 +115,12 @@ def main(argv=None):
     parser.add_argument("--tokens", type=int, default=200)
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument(
+        "--model",
+        choices=sorted(MODELS),
+        default="llama",
+        help="a Llama, or a Qwen3-MoE whose every MLP is a mixture of experts",
+    )
+    parser.add_argument(
         "--no-call-times",
         action="store_true",
         help="skip the per-call timers (they add their own cost to each call)",
@@ -100,9 +128,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     from mlx_lm.models.cache import make_prompt_cache
 
-    model, sets = model_and_layer_sets(
-        "llama", _llama(HIDDEN, args.layers, MLP, 8, 2, 4096)
-    )
+    model, sets = model_and_layer_sets(args.model, MODELS[args.model](args.layers))
     limit = {bits: HIDDEN * MLP for bits in affine.LAYER_BUILTIN_DECODE_BELOW}
     saved_limit = affine.LAYER_BUILTIN_DECODE_BELOW
     totals, which = collections.defaultdict(float), ["builtin"]
