@@ -389,8 +389,9 @@ class LayerReplay:
     the step's graph on the host, so the Python between a layer's call and
     its op counts: on an H200's host our layer's calls took 1.4x (handed to
     MLX's built-in) to 3.7x (our kernel) the time of MLX's own layer's
-    (README), and nested Python calls and checks were much of the excess. So a layer keeps this record after a call that went through the
-    op's :class:`CallPlans`, and its next call goes through one method,
+    (README), and nested Python calls and checks were much of the excess.
+    So a layer keeps this record after a call that went through the op's
+    :class:`CallPlans`, and its next call goes through one method,
     :meth:`run_if_current`, that compares everything the plan rests on in
     one expression:
 
