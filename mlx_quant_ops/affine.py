@@ -1439,7 +1439,7 @@ _QUANTIZED_MATMUL_CALLS = CallPlans()
 # models decoded faster so (medians, Llama-3.2-1B shape 2588 against 3043
 # us a token, Llama-3-8B shape 2073 against 2227, one H200 host). The public
 # ops never hand over: they are this package's kernels, which the benchmark
-# times.
+# times. scripts/handover_chains.py measures these chains.
 LAYER_BUILTIN_DECODE_ROWS = 8
 LAYER_BUILTIN_DECODE_BELOW = {
     2: 1 << 25,
