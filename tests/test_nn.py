@@ -1074,9 +1074,9 @@ def test_bench_decode_rows_time_both_layer_sets(monkeypatch):
     real_host, host_by_set = decode_cases._host_us, {}
 
     def host(model, prompt, tokens):
-        us = real_host(model, prompt, tokens)
-        host_by_set[on_ours(model)] = us
-        return us
+        host_and_build = real_host(model, prompt, tokens)
+        host_by_set[on_ours(model)] = host_and_build
+        return host_and_build
 
     monkeypatch.setattr(decode_cases, "_host_us", host)
     lines = []
@@ -1087,7 +1087,13 @@ def test_bench_decode_rows_time_both_layer_sets(monkeypatch):
     assert (row.builtin_us, row.ours_us) == (min(builtin_passes), min(ours_passes))
     ratios = sorted(o / b for o, b in zip(ours_passes, builtin_passes))
     assert row.paired_ratio == ratios[len(ratios) // 2]  # ROUNDS is odd
-    assert host_by_set == {True: row.ours_host_us, False: row.builtin_host_us}
+    assert host_by_set == {
+        True: (row.ours_host_us, row.ours_build_us),
+        False: (row.builtin_host_us, row.builtin_build_us),
+    }
     for us in (row.ours_us, row.builtin_us, row.ours_host_us, row.builtin_host_us):
         assert 0 < us < 60e6
+    # The build is a part of each step's host time.
+    assert 0 < row.ours_build_us <= row.ours_host_us
+    assert 0 < row.builtin_build_us <= row.builtin_host_us
     assert lines == [decode_cases.format_row(row)]

@@ -103,6 +103,8 @@ def main(argv=None):
                             "builtin_us_per_token": r.builtin_us,
                             "ours_host_us_per_token": r.ours_host_us,
                             "builtin_host_us_per_token": r.builtin_host_us,
+                            "ours_build_us_per_token": r.ours_build_us,
+                            "builtin_build_us_per_token": r.builtin_build_us,
                             "ours_over_builtin_paired": r.paired_ratio,
                         }
                         for r in decode_rows

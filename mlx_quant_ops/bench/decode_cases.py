@@ -9,15 +9,17 @@ here and not there. Models keep a few of their layers (decode time is per
 layer plus the output projection) so they build in seconds.
 
 Each row also gives each layer set's host time a token: building the step
-and MLX's encoding of it, with the device idle before each step. Where a
-set's time a token is about its host time, the host bounds it and follows
-the host's speed; where it is well above, the device does.
+and MLX's encoding of it, with the device idle before each step, and the
+building alone (the Python of the model and its layers; the rest is MLX's
+encoding). Where a set's time a token is about its host time, the host
+bounds it and follows the host's speed; where it is well above, the device
+does.
 """
 
 import statistics
 import time
 from dataclasses import dataclass
-from typing import List
+from typing import List, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -87,6 +89,9 @@ class DecodeRow:
     builtin_us: float
     ours_host_us: float
     builtin_host_us: float
+    # The build part of the host time (the step's graph made in Python).
+    ours_build_us: float
+    builtin_build_us: float
     # Median over the timed rounds of ours / MLX's layers, each round's two
     # passes back to back: the host's speed drifts over minutes, so a round
     # compares the two sets at nearly the same speed where the two bests
@@ -118,24 +123,31 @@ def _per_token_us(model, prompt: mx.array, tokens: int) -> float:
     return (time.perf_counter() - start) / tokens * 1e6
 
 
-def _host_us(model, prompt: mx.array, tokens: int) -> float:
+def _host_us(model, prompt: mx.array, tokens: int) -> Tuple[float, float]:
     """Median host microseconds a greedy token takes to build and hand to
     MLX (``mx.async_eval``), each step waiting for the last to finish first
-    so that none of it waits on the device. On the CPU, where MLX runs the
-    step inside ``mx.async_eval``, it includes the compute."""
+    so that none of it waits on the device, and the median of the build
+    alone. On the CPU, where MLX runs the step inside ``mx.async_eval``,
+    the first includes the compute.
+
+    Returns:
+        tuple: (build and hand-over, build) in microseconds a token.
+    """
     from mlx_lm.models.cache import make_prompt_cache
 
     cache = make_prompt_cache(model)
     token = mx.argmax(model(prompt[None], cache=cache)[:, -1, :], axis=-1)
     mx.eval(token)
-    times = []
+    hosts, builds = [], []
     for _ in range(tokens):
         start = time.perf_counter()
         token = mx.argmax(model(token[None], cache=cache)[:, -1, :], axis=-1)
+        built = time.perf_counter()
         mx.async_eval(token)
-        times.append(time.perf_counter() - start)
+        hosts.append(time.perf_counter() - start)
+        builds.append(built - start)
         mx.eval(token)
-    return statistics.median(times) * 1e6
+    return statistics.median(hosts) * 1e6, statistics.median(builds) * 1e6
 
 
 def model_and_layer_sets(module: str, fields: dict):
@@ -178,7 +190,7 @@ def run(quick: bool, log=print) -> List[DecodeRow]:
         prompt = mx.random.randint(0, fields["vocab_size"], (PROMPT_TOKENS,))
         tokens = 8 if quick else DECODE_TOKENS
         passes = {key: [] for key in layer_sets}
-        host = {}
+        host, build = {}, {}
         for round_ in range(ROUNDS + 1):
             for key, layers in layer_sets.items():
                 model.update_modules(layers)
@@ -187,13 +199,15 @@ def run(quick: bool, log=print) -> List[DecodeRow]:
                     passes[key].append(timed)
         for key, layers in layer_sets.items():
             model.update_modules(layers)
-            host[key] = _host_us(model, prompt, tokens)
+            host[key], build[key] = _host_us(model, prompt, tokens)
         row = DecodeRow(
             name,
             min(passes["ours"]),
             min(passes["builtin"]),
             host["ours"],
             host["builtin"],
+            build["ours"],
+            build["builtin"],
             statistics.median(
                 [
                     ours / builtin
@@ -209,7 +223,8 @@ def run(quick: bool, log=print) -> List[DecodeRow]:
 
 HEADER = (
     f"{'mlx-lm decode':<22} {'model (q4 g64 f16)':<36} {'ours us':>9} {'built-in':>9}"
-    f" {'host: ours':>11} {'built-in':>9} {'ours/built-in':>14}"
+    f" {'host: ours':>11} {'built-in':>9} {'build: ours':>12} {'built-in':>9}"
+    f" {'ours/built-in':>14}"
 )
 
 
@@ -217,5 +232,6 @@ def format_row(row: DecodeRow) -> str:
     return (
         f"{'per token':<22} {row.name:<36} {row.ours_us:>9.1f} {row.builtin_us:>9.1f}"
         f" {row.ours_host_us:>11.1f} {row.builtin_host_us:>9.1f}"
+        f" {row.ours_build_us:>12.1f} {row.builtin_build_us:>9.1f}"
         f" {row.paired_ratio:>14.3f}"
     )
