@@ -505,7 +505,9 @@ class LayerReplay:
 def _switches() -> tuple:
     """What :func:`plan_context` holds besides the stream: the forced path,
     the testing switches and the plan generation (none of them arrays, so
-    tuples of them compare by equality)."""
+    tuples of them compare by equality). :class:`LayerReplay` records and
+    compares the same four values one by one (no tuple built on its hot
+    path): a switch added here belongs there too."""
     return (override(), _poison.get(), CUDA_INCLUDES.get(), _plan_generation)
 
 

@@ -101,7 +101,9 @@ def main(argv=None):
             ratio = statistics.median(
                 o / m for o, m in zip(times["ours"], times["mlx"])
             )
-            rule = "MLX" if n * k < limits.get(bits, 0) else "ours"
+            # The layers' own rule, with its limits back (False off CUDA).
+            on_builtin = affine.layer_decode_on_builtin(x, ours[0]["weight"], bits)
+            rule = "MLX" if on_builtin else "ours"
             print(
                 f"{bits:>4} {f'{n}x{k}':>12} {mlx_us:>8.1f} {ours_us:>8.1f}"
                 f" {ratio:>9.2f}  {rule}"

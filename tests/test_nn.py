@@ -517,8 +517,8 @@ def test_layer_replay_runs_only_what_it_was_planned_for(monkeypatch):
     assert switch.run_if_current(x, *linear_call, experts, False) is None
     assert switch.run_if_current(x, *linear_call, np.array([[1, 2]]), True) is None
     assert switch.run_if_current(x, *linear_call) is None
-    linear = _kernels.LayerReplay(run, x, *linear_call)
-    assert linear.run_if_current(x, *linear_call, experts, None) is None
+    linear_replay = _kernels.LayerReplay(run, x, *linear_call)
+    assert linear_replay.run_if_current(x, *linear_call, experts, None) is None
 
 
 def graph_ops(y):
