@@ -392,8 +392,8 @@ class LayerReplay:
     (README), and nested Python calls and checks were much of the excess.
     So a layer keeps this record after a call that went through the op's
     :class:`CallPlans`, and its next call goes through one method,
-    :meth:`run_if_current`, that compares everything the plan rests on in
-    one expression:
+    :meth:`replay`, that compares everything the plan rests on in one
+    expression and runs the planned function:
 
     - the input's (and an MoE layer's expert indices') shape and dtype;
     - the layer's arrays and options, by identity: a layer passes the same
@@ -409,10 +409,8 @@ class LayerReplay:
     and the reference path's function reads the stream as it runs.
 
     The record holds the layer's arrays, so the layer drops it when one of
-    them is replaced (see ``mlx_quant_ops.nn``). The planned function may
-    be another library's op computing the same product (a layer's small
-    decodes go to MLX's built-in); the plan that chose it rests on the same
-    things.
+    them is replaced (see ``mlx_quant_ops.nn``). A call handed to another
+    library's op keeps a :class:`HandedOverReplay` instead.
     """
 
     __slots__ = (
@@ -440,8 +438,9 @@ class LayerReplay:
         """Keep ``run``, planned for these arguments on the default stream.
 
         Args:
-            run (callable): the planned function, taking the arrays the
-                layer passes.
+            run (callable): the planned function of ``(x, weight, scales,
+                biases)``, or for an MoE layer of ``(x, weight, scales,
+                biases, lhs_indices, rhs_indices)``.
             x (mlx.core.array): the input the call was planned for.
             weight, scales, biases (mlx.core.array): the layer's arrays.
             group_size, bits (int): the layer's options.
@@ -463,17 +462,15 @@ class LayerReplay:
         self.generation = _plan_generation
         self.device = mx.default_device()
 
-    def run_if_current(
+    def replay(
         self, x, weight, scales, biases, group_size, bits, indices=None, flag=None
-    ) -> Optional[Callable]:
-        """The kept function, if it was planned for a call like this one
-        (arguments as for the constructor); else None.
+    ) -> Optional[mx.array]:
+        """The kept function's output for these arguments (as for the
+        constructor), if it was planned for a call like this one; else None
+        (plan the call then).
 
-        One expression with no nested Python calls: it runs for every layer
-        of every decoded token.
-
-        Returns:
-            The planned function, or None (plan the call then).
+        One expression with no nested Python calls before the run: it runs
+        for every layer of every decoded token.
         """
         if (
             type(x) is mx.array
@@ -498,7 +495,50 @@ class LayerReplay:
             and _plan_generation == self.generation
             and mx.default_device() == self.device
         ):
-            return self.run
+            if indices is None:
+                return self.run(x, weight, scales, biases)
+            return self.run(x, weight, scales, biases, None, indices)
+        return None
+
+
+class HandedOverReplay(LayerReplay):
+    """A linear layer's call that its plan handed to another library's
+    quantized matmul (MLX's ``mx.quantized_matmul`` for a small decode on
+    CUDA), kept as :class:`LayerReplay` keeps a planned one.
+
+    ``run`` has that op's positional signature, ``(x, w, scales, biases,
+    transpose, group_size, bits)``, and is given the layer's arrays and
+    options as they are at each call, so the replay compares only what the
+    hand-over rests on: the input's shape and dtype (which also keep the
+    op's own checks: an integer input, say, is refused by ours and taken by
+    MLX's), the weight (its size) and the options, no forced path, the plan
+    generation and the default device. Our kernels' testing switches and
+    the scales and biases do not change MLX's op. That is about half the
+    host time of a :class:`LayerReplay` check, and the call runs with no
+    Python frame between the layer and MLX's op: a small model's decode
+    step, on a fast GPU, is bound by the host, and nearly all of its layer
+    calls are these.
+    """
+
+    __slots__ = ()
+
+    def replay(
+        self, x, weight, scales, biases, group_size, bits, indices=None, flag=None
+    ) -> Optional[mx.array]:
+        """As :meth:`LayerReplay.replay`, for a linear layer (no indices)."""
+        if (
+            type(x) is mx.array
+            and x.shape == self.x_shape
+            and x.dtype == self.x_dtype
+            and weight is self.weight
+            and group_size is self.group_size
+            and bits is self.bits
+            and indices is None
+            and _forced_path.get() is None
+            and _plan_generation == self.generation
+            and mx.default_device() == self.device
+        ):
+            return self.run(x, weight, scales, biases, True, group_size, bits)
         return None
 
 

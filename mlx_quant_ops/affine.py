@@ -29,7 +29,7 @@ and ``biases`` follow the same path as the forward pass.
 import dataclasses
 import functools
 import os
-from typing import Callable, Optional, Tuple
+from typing import Optional, Tuple
 
 import mlx.core as mx
 import numpy as np
@@ -39,8 +39,10 @@ from . import _validate as check
 from ._backend import StreamKey, StreamLike, backend, dispatch, override
 from ._kernels import (
     CallPlans,
+    HandedOverReplay,
     KernelSpec,
     Launcher,
+    LayerReplay,
     ceil_to,
     device_table,
     launch,
@@ -1473,27 +1475,19 @@ def layer_decode_on_builtin(x: mx.array, w: mx.array, bits: int) -> bool:
     )
 
 
-@functools.lru_cache(maxsize=None)
-def _builtin_layer_matmul(group_size: int, bits: int):
-    def run(x, w, scales, biases):
-        return mx.quantized_matmul(x, w, scales, biases, True, group_size, bits)
-
-    return run
-
-
 def _layer_quantized_matmul(
     x, w, scales, biases, group_size, bits
-) -> Tuple[mx.array, Optional[Callable]]:
+) -> Tuple[mx.array, Optional[LayerReplay]]:
     """``quantized_matmul(x, w, scales, biases, transpose=True, ...)`` for a
     layer holding ``w``, ``scales`` and ``biases``: checked and planned as
     the op is, then run by ``mx.quantized_matmul`` where
     :func:`layer_decode_on_builtin` says so.
 
     Returns:
-        The product, and the function of ``(x, w, scales, biases)`` that
-        computed it, for the layer to keep in a
-        :class:`~mlx_quant_ops._kernels.LayerReplay` (None where the call
-        cannot be kept: arguments the plans cannot key).
+        The product, and the replay of the call for the layer to keep: a
+        :class:`~mlx_quant_ops._kernels.LayerReplay` of the planned call, a
+        :class:`~mlx_quant_ops._kernels.HandedOverReplay` of MLX's op, or
+        None where the call cannot be kept (arguments the plans cannot key).
     """
     y, run = _QUANTIZED_MATMUL_CALLS.call(
         _plan_quantized_matmul,
@@ -1501,10 +1495,15 @@ def _layer_quantized_matmul(
         (x, w, scales, biases),
         (True, group_size, bits, "affine"),
     )
-    if run is not None and layer_decode_on_builtin(x, w, bits):
-        run = _builtin_layer_matmul(group_size, bits)
-        y = run(x, w, scales, biases)
-    return y, run
+    if run is None:
+        return y, None
+    if layer_decode_on_builtin(x, w, bits):
+        y = mx.quantized_matmul(x, w, scales, biases, True, group_size, bits)
+        replay = HandedOverReplay(
+            mx.quantized_matmul, x, w, scales, biases, group_size, bits
+        )
+        return y, replay
+    return y, LayerReplay(run, x, w, scales, biases, group_size, bits)
 
 
 def _plan_quantized_matmul(
@@ -1883,22 +1882,28 @@ _GATHER_QMM_CALLS = CallPlans()
 
 def _layer_gather_qmm(
     x, w, scales, biases, indices, group_size, bits, sorted_indices
-) -> Tuple[mx.array, Optional[Callable]]:
+) -> Tuple[mx.array, Optional[LayerReplay]]:
     """``gather_qmm(x, w, scales, biases, rhs_indices=indices,
     transpose=True, ...)`` for a layer holding ``w``, ``scales`` and
     ``biases``, checked and planned as the op is.
 
     Returns:
-        The product, and the function of ``(x, w, scales, biases,
-        lhs_indices, rhs_indices)`` that computed it (None where the call
-        cannot be kept), as :func:`_layer_quantized_matmul`.
+        The product, and the
+        :class:`~mlx_quant_ops._kernels.LayerReplay` of the planned call
+        for the layer to keep (None where the call cannot be kept).
     """
-    return _GATHER_QMM_CALLS.call(
+    y, run = _GATHER_QMM_CALLS.call(
         _plan_gather_qmm,
         None,
         (x, w, scales, biases, None, indices),
         (True, group_size, bits, "affine", None, sorted_indices),
     )
+    if run is None:
+        return y, None
+    replay = LayerReplay(
+        run, x, w, scales, biases, group_size, bits, indices, sorted_indices
+    )
+    return y, replay
 
 
 def _plan_gather_qmm(

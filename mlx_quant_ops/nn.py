@@ -93,10 +93,9 @@ class _PlannedCalls:
 
     _replay: Optional[LayerReplay] = None
 
-    def _keep(self, run: Optional[Callable], *args) -> None:
-        """Keep ``run`` for the next call (see :class:`LayerReplay` for the
-        arguments); a call that could not be kept drops the last one."""
-        replay = None if run is None else LayerReplay(run, *args)
+    def _keep(self, replay: Optional[LayerReplay]) -> None:
+        """Keep ``replay`` for the next call; a call that could not be kept
+        (None) drops the last one."""
         object.__setattr__(self, "_replay", replay)
 
     def __setitem__(self, key, value):
@@ -141,18 +140,14 @@ class QuantizedLinear(_PlannedCalls, nn.QuantizedLinear):
         # Also the tied output projection of QuantizedEmbedding.as_linear.
         w, scales, biases = self["weight"], self["scales"], self["biases"]
         replay = self._replay
-        run = None
+        y = None
         if replay is not None:
-            run = replay.run_if_current(
+            y = replay.replay(x, w, scales, biases, self.group_size, self.bits)
+        if y is None:
+            y, replay = affine._layer_quantized_matmul(
                 x, w, scales, biases, self.group_size, self.bits
             )
-        if run is not None:
-            y = run(x, w, scales, biases)
-        else:
-            y, run = affine._layer_quantized_matmul(
-                x, w, scales, biases, self.group_size, self.bits
-            )
-            self._keep(run, x, w, scales, biases, self.group_size, self.bits)
+            self._keep(replay)
         if "bias" in self:
             y = y + self["bias"]
         return y
@@ -413,20 +408,16 @@ class QuantizedSwitchLinear(_PlannedCalls, _SwitchBase):
         w, scales, biases = self["weight"], self["scales"], self["biases"]
         group_size, bits = self.group_size, self.bits
         replay = self._replay
-        run = None
+        y = None
         if replay is not None:
-            run = replay.run_if_current(
+            y = replay.replay(
                 x, w, scales, biases, group_size, bits, indices, sorted_indices
             )
-        if run is not None:
-            y = run(x, w, scales, biases, None, indices)
-        else:
-            y, run = affine._layer_gather_qmm(
+        if y is None:
+            y, replay = affine._layer_gather_qmm(
                 x, w, scales, biases, indices, group_size, bits, sorted_indices
             )
-            self._keep(
-                run, x, w, scales, biases, group_size, bits, indices, sorted_indices
-            )
+            self._keep(replay)
         if "bias" in self:
             y = y + mx.expand_dims(self["bias"][indices], -2)
         return y

@@ -467,58 +467,123 @@ def test_layer_replay_keeps_no_replaced_arrays_alive():
 
 
 def test_layer_replay_runs_only_what_it_was_planned_for(monkeypatch):
-    """``LayerReplay.run_if_current`` gives back the kept function for a
-    call with an input (and expert indices) of the kept shapes and dtypes,
-    the same array and option objects, forced path, testing switches, plan
-    generation and default device; anything else goes back to planning."""
-    run = lambda *arrays: None  # noqa: E731
+    """``LayerReplay.replay`` runs the kept function on the call's arrays
+    for an input (and expert indices) of the kept shapes and dtypes, the
+    same array and option objects, forced path, testing switches, plan
+    generation and default device; anything else gives None (planning)."""
+    calls, kept = [], mx.array(0)
+
+    def run(*arrays):
+        calls.append(arrays)
+        return kept
+
     w, scales, biases = mx.zeros((8, 4), mx.uint32), mx.ones((8, 1)), mx.ones((8, 1))
     x, experts = mx.ones((1, 32)), mx.array([[1, 2]])
     linear_call = (w, scales, biases, 32, 4)
     replay = _kernels.LayerReplay(run, x, *linear_call)
-    assert replay.run_if_current(mx.zeros((1, 32)), *linear_call) is run
+    new_x = mx.zeros((1, 32))
+    assert replay.replay(new_x, *linear_call) is kept
+    assert same_objects(calls.pop(), (new_x, w, scales, biases))
     # The input: shape, dtype, type.
-    assert replay.run_if_current(mx.zeros((2, 32)), *linear_call) is None
-    assert replay.run_if_current(x.astype(mx.float16), *linear_call) is None
-    assert replay.run_if_current(np.ones((1, 32), np.float32), *linear_call) is None
+    assert replay.replay(mx.zeros((2, 32)), *linear_call) is None
+    assert replay.replay(x.astype(mx.float16), *linear_call) is None
+    assert replay.replay(np.ones((1, 32), np.float32), *linear_call) is None
     # The layer's arrays and options, by identity.
     for position, other in enumerate([mx.array(w), mx.array(scales), mx.array(biases)]):
         changed = list(linear_call)
         changed[position] = other
-        assert replay.run_if_current(x, *changed) is None
-    assert replay.run_if_current(x, w, scales, biases, 64, 4) is None
-    assert replay.run_if_current(x, w, scales, biases, 32, 8) is None
+        assert replay.replay(x, *changed) is None
+    assert replay.replay(x, w, scales, biases, 64, 4) is None
+    assert replay.replay(x, w, scales, biases, 32, 8) is None
     # What the plan rests on besides its arguments.
     with mqo.use_backend("reference"):
-        assert replay.run_if_current(x, *linear_call) is None
+        assert replay.replay(x, *linear_call) is None
     with _kernels.poison_outputs():
-        assert replay.run_if_current(x, *linear_call) is None
+        assert replay.replay(x, *linear_call) is None
     token = _kernels.CUDA_INCLUDES.set(False)
-    assert replay.run_if_current(x, *linear_call) is None
+    assert replay.replay(x, *linear_call) is None
     _kernels.CUDA_INCLUDES.reset(token)
     with mx.stream(mx.new_stream(mx.default_device())):
-        assert replay.run_if_current(x, *linear_call) is run  # not compared
+        assert replay.replay(x, *linear_call) is kept  # not compared
     other_device = mx.gpu if mx.default_device() == mx.cpu else mx.cpu
     monkeypatch.setattr(mx, "default_device", lambda: mx.Device(other_device))
-    assert replay.run_if_current(x, *linear_call) is None
+    assert replay.replay(x, *linear_call) is None
     monkeypatch.undo()
-    assert replay.run_if_current(x, *linear_call) is run
+    assert replay.replay(x, *linear_call) is kept
     clear_plans()
-    assert replay.run_if_current(x, *linear_call) is None
+    assert replay.replay(x, *linear_call) is None
     # An MoE layer's call: the indices by shape and dtype, its flag by
     # identity (1 never passes for True); a linear layer's replay takes
     # no indices and a switch layer's needs them.
+    calls.clear()
     switch = _kernels.LayerReplay(run, x, *linear_call, experts, True)
-    assert switch.run_if_current(x, *linear_call, mx.array([[3, 0]]), True) is run
-    assert switch.run_if_current(x, *linear_call, mx.array([[3]]), True) is None
+    new_experts = mx.array([[3, 0]])
+    assert switch.replay(x, *linear_call, new_experts, True) is kept
+    assert same_objects(calls.pop(), (x, w, scales, biases, None, new_experts))
+    assert switch.replay(x, *linear_call, mx.array([[3]]), True) is None
     uint_experts = experts.astype(mx.uint32)
-    assert switch.run_if_current(x, *linear_call, uint_experts, True) is None
-    assert switch.run_if_current(x, *linear_call, experts, 1) is None
-    assert switch.run_if_current(x, *linear_call, experts, False) is None
-    assert switch.run_if_current(x, *linear_call, np.array([[1, 2]]), True) is None
-    assert switch.run_if_current(x, *linear_call) is None
+    assert switch.replay(x, *linear_call, uint_experts, True) is None
+    assert switch.replay(x, *linear_call, experts, 1) is None
+    assert switch.replay(x, *linear_call, experts, False) is None
+    assert switch.replay(x, *linear_call, np.array([[1, 2]]), True) is None
+    assert switch.replay(x, *linear_call) is None
     linear_replay = _kernels.LayerReplay(run, x, *linear_call)
-    assert linear_replay.run_if_current(x, *linear_call, experts, None) is None
+    assert linear_replay.replay(x, *linear_call, experts, None) is None
+    assert calls == []
+
+
+def test_handed_over_replay_compares_what_the_hand_over_rests_on(monkeypatch):
+    """``HandedOverReplay.replay`` runs another library's op (positional
+    ``quantized_matmul`` arguments) on the layer's current arrays and
+    options while the input's shape and dtype, the weight, the options, the
+    plan generation and the default device stay and no path is forced.
+    The scales and biases go to the op as they are, and our kernels'
+    testing switches do not concern it."""
+    calls, kept = [], mx.array(0)
+
+    def op(*arguments):
+        calls.append(arguments)
+        return kept
+
+    w, scales, biases = mx.zeros((8, 4), mx.uint32), mx.ones((8, 1)), mx.ones((8, 1))
+    x = mx.ones((1, 32))
+    replay = _kernels.HandedOverReplay(op, x, w, scales, biases, 32, 4)
+    new_x, new_scales, new_biases = mx.zeros((1, 32)), mx.ones((8, 1)), mx.ones((8, 1))
+    assert replay.replay(new_x, w, new_scales, new_biases, 32, 4) is kept
+    assert same_objects(calls.pop()[:4], (new_x, w, new_scales, new_biases))
+    assert replay.replay(x, w, scales, biases, 32, 4) is kept
+    assert calls.pop()[4:] == (True, 32, 4)
+    with _kernels.poison_outputs():
+        assert replay.replay(x, w, scales, biases, 32, 4) is kept
+    token = _kernels.CUDA_INCLUDES.set(False)
+    assert replay.replay(x, w, scales, biases, 32, 4) is kept
+    _kernels.CUDA_INCLUDES.reset(token)
+    calls.clear()
+    for call in [
+        (mx.zeros((2, 32)), w, scales, biases, 32, 4),
+        (x.astype(mx.float16), w, scales, biases, 32, 4),
+        (x.astype(mx.int32), w, scales, biases, 32, 4),  # MLX's op would take it
+        (np.ones((1, 32), np.float32), w, scales, biases, 32, 4),
+        (x, mx.array(w), scales, biases, 32, 4),
+        (x, w, scales, biases, 64, 4),
+        (x, w, scales, biases, 32, 8),
+    ]:
+        assert replay.replay(*call) is None
+    assert replay.replay(x, w, scales, biases, 32, 4, mx.array([[1]])) is None
+    with mqo.use_backend("reference"):
+        assert replay.replay(x, w, scales, biases, 32, 4) is None
+    other_device = mx.gpu if mx.default_device() == mx.cpu else mx.cpu
+    monkeypatch.setattr(mx, "default_device", lambda: mx.Device(other_device))
+    assert replay.replay(x, w, scales, biases, 32, 4) is None
+    monkeypatch.undo()
+    clear_plans()
+    assert replay.replay(x, w, scales, biases, 32, 4) is None
+    assert calls == []
+
+
+def same_objects(got: tuple, expected: tuple) -> bool:
+    """Whether two tuples hold the same objects, position by position."""
+    return len(got) == len(expected) and all(a is b for a, b in zip(got, expected))
 
 
 def graph_ops(y):
