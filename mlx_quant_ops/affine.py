@@ -1431,23 +1431,29 @@ _QUANTIZED_MATMUL_CALLS = CallPlans()
 # for widths not listed). There a whole call is host-bound: our kernel is
 # two graph nodes (the kernel and its custom_function) and a compiled
 # replay, MLX's op one node, and that costs more than the GPU time our
-# kernel saves. Chains of dependent layer calls, one row, f16, H200,
-# 2026-12-04 (ours / MLX): 4 bits 1.49 at 2048x2048, 1.17 at 8192x2048,
-# 0.90-1.07 at 4096x4096, 0.73-0.79 at 8192x4096; 2, 3 and 6 bits
-# 1.13-1.16 at 4096x4096, 0.88-0.91 at 8192x4096; 5 and 8 bits 1.06-1.07 at
-# 14336x4096, 0.86-0.96 at 32768x4096 (docs/benchmarks.md). Group sizes 32
-# and 128 moved 4-bit ratios by at most 0.05. The 4-bit limit takes in
-# 2**24 (4096x4096, 8192x2048), where chains were level or MLX's: whole
-# models decoded faster so (medians, Llama-3.2-1B shape 2588 against 3043
-# us a token, Llama-3-8B shape 2073 against 2227, one H200 host). The public
-# ops never hand over: they are this package's kernels, which the benchmark
-# times. scripts/handover_chains.py measures these chains.
+# kernel saves. Chains of dependent layer calls, one row, f16, H200
+# (ours / MLX; docs/benchmarks.md, sessions 26 and 30), 2026-12-05: 2 to
+# 6 bits 0.79-1.04 at 2**24 values (4096x4096, 8192x2048), 0.64-0.75 at
+# 8192x4096; 8 bits 0.96-1.11 at 2**24, 0.92-0.93 at 8192x4096 and
+# 14336x4096, where 5 bits gave 0.75-0.82. A chain adds host and GPU
+# time; a decode step is pipelined, and a model whose host work outlasts
+# its GPU work pays our call's extra host time (about 1.5 µs) in full while
+# gaining nothing from the GPU time saved. So a limit sits above the size where chains break
+# even, taking in sizes where a chain call saved at most about 3 µs: 2**24
+# for 2 to 6 bits, where whole models decoded faster handed over
+# (2026-12-04, medians, Llama-3.2-1B shape 2588 against 3043 µs a token,
+# Llama-3-8B shape 2073 against 2227, one H200 host), and 14336x4096 for 8
+# bits (2.1-2.7 µs saved). The 5-bit limit stops below 8192x4096, where a
+# chain call saved 7 µs. Group sizes 32 and 128 moved 4-bit ratios by at
+# most 0.05. The public ops never hand over: they are this package's
+# kernels, which the benchmark times. scripts/handover_chains.py measures
+# the chains.
 LAYER_BUILTIN_DECODE_ROWS = 8
 LAYER_BUILTIN_DECODE_BELOW = {
     2: 1 << 25,
     3: 1 << 25,
     4: 1 << 25,
-    5: 1 << 26,
+    5: 1 << 25,
     6: 1 << 25,
     8: 1 << 26,
 }
