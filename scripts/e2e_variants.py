@@ -1,0 +1,36 @@
+"""The benchmark's mlx-lm decode rows under a variant of the layers, to
+find where a patched model's time goes (run on a GPU machine from the
+repository root)::
+
+    python scripts/e2e_variants.py VARIANT OUT.json [--quick]
+
+Variants: ``current`` (the package as it is); ``lower-limits`` (2- to
+6-bit hand-over limits at 2**24 values and 8-bit at 2**25, so 4096x4096
+and 8192x2048 weights run our kernels); ``mlx-call`` (our linear layers
+run MLX's own ``QuantizedLinear.__call__``, tied heads too: what is left
+of the difference is outside the linear layers' calls).
+"""
+
+import sys
+
+import mlx.nn as nn
+
+import mlx_quant_ops as mqo
+from mlx_quant_ops import affine
+from mlx_quant_ops.bench.__main__ import main
+
+VARIANTS = {
+    "current": lambda: None,
+    "lower-limits": lambda: affine.LAYER_BUILTIN_DECODE_BELOW.update(
+        {2: 1 << 24, 3: 1 << 24, 4: 1 << 24, 5: 1 << 24, 6: 1 << 24, 8: 1 << 25}
+    ),
+    "mlx-call": lambda: setattr(
+        mqo.nn.QuantizedLinear, "__call__", nn.QuantizedLinear.__call__
+    ),
+}
+
+if __name__ == "__main__":
+    variant, out, *rest = sys.argv[1:]
+    VARIANTS[variant]()
+    print("variant", variant, "limits", affine.LAYER_BUILTIN_DECODE_BELOW)
+    main(["--only", "mlx-lm decode", "--json", out, *rest])
