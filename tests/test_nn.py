@@ -1116,7 +1116,7 @@ print("ok")
 
 def test_bench_decode_rows_time_both_layer_sets(monkeypatch):
     # The end-to-end benchmark rows run mlx-lm's decoding on MLX's layers and
-    # on ours, alternating: both timings are real, and each timed pass ran
+    # on ours, in turns: both timings are real, and each timed pass ran
     # the layer set it is counted for; so did each set's host timing. The
     # paired ratio is the median of each round's ours / MLX's layers.
     from mlx_quant_ops.bench import decode_cases
@@ -1147,11 +1147,21 @@ def test_bench_decode_rows_time_both_layer_sets(monkeypatch):
     lines = []
     (row,) = decode_cases.run(quick=True, log=lines.append)
     assert len(patched) == 1
-    assert ran_ours == [False, True] * (decode_cases.ROUNDS + 1)
-    builtin_passes, ours_passes = times[2::2], times[3::2]  # round 0 untimed
+    # Each round times both sets, taking turns to go first, and as many
+    # rounds put one set first as the other (round 0 is untimed).
+    rounds = decode_cases.ROUNDS
+    assert rounds % 2 == 0
+    expected_order = []
+    for round_ in range(rounds + 1):
+        expected_order += [True, False] if round_ % 2 else [False, True]
+    assert ran_ours == expected_order
+    timed_passes = list(zip(ran_ours, times))[2:]
+    builtin_passes = [t for on, t in timed_passes if not on]
+    ours_passes = [t for on, t in timed_passes if on]
     assert (row.builtin_us, row.ours_us) == (min(builtin_passes), min(ours_passes))
     ratios = sorted(o / b for o, b in zip(ours_passes, builtin_passes))
-    assert row.paired_ratio == ratios[len(ratios) // 2]  # ROUNDS is odd
+    middle = len(ratios) // 2  # an even count: the mean of the middle two
+    assert row.paired_ratio == pytest.approx((ratios[middle - 1] + ratios[middle]) / 2)
     assert host_by_set == {
         True: (row.ours_host_us, row.ours_build_us),
         False: (row.builtin_host_us, row.builtin_build_us),

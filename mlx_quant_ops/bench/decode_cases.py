@@ -99,14 +99,18 @@ class DecodeRow:
     paired_ratio: float
 
 
-# Timed passes per layer set, alternating MLX's layers and ours so that
-# neither gains from running later (warmer clocks, a grown allocator pool).
-# A first untimed pass of each compiles kernels and plans calls. The H100
-# host's Python speed swings by up to 1.5x from one pass to the next, so a
-# row keeps each set's best of several passes, and the median of the
-# rounds' ratios (DecodeRow.paired_ratio). A pass is timed whole, as a
-# user's tokens per second sees it.
-ROUNDS = 5
+# Timed passes per layer set. Each round times both sets back to back, MLX's
+# layers first in even rounds and ours first in odd ones (an even number of
+# rounds), so that neither gains from its place: the set that runs second
+# meets the host's caches, clocks and MLX's allocator pool as the other one
+# left them. (Until 2026-12-05 MLX's layers always went first; on an H200,
+# with our linear layers running MLX's own __call__, the 1B shape's ratio
+# was 1.052 so.) A first untimed pass of each compiles kernels and plans
+# calls. The H100 host's Python speed swings by up to 1.5x from one pass to
+# the next, so a row keeps each set's best of several passes, and the
+# median of the rounds' ratios (DecodeRow.paired_ratio). A pass is timed
+# whole, as a user's tokens per second sees it.
+ROUNDS = 6
 
 
 def _per_token_us(model, prompt: mx.array, tokens: int) -> float:
@@ -178,8 +182,9 @@ def model_and_layer_sets(module: str, fields: dict):
 
 
 def run(quick: bool, log=print) -> List[DecodeRow]:
-    """Time each model on MLX's layers and patched, alternating the two
-    (best of :data:`ROUNDS` passes each); print each row.
+    """Time each model on MLX's layers and patched, in rounds that time
+    both, in turns first (best of :data:`ROUNDS` passes each); print each
+    row.
 
     Returns:
         list[DecodeRow]: the measured rows.
@@ -192,7 +197,10 @@ def run(quick: bool, log=print) -> List[DecodeRow]:
         passes = {key: [] for key in layer_sets}
         host, build = {}, {}
         for round_ in range(ROUNDS + 1):
-            for key, layers in layer_sets.items():
+            order = list(layer_sets.items())
+            if round_ % 2:
+                order.reverse()
+            for key, layers in order:
                 model.update_modules(layers)
                 timed = _per_token_us(model, prompt, tokens)
                 if round_ > 0:
