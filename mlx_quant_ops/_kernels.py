@@ -513,11 +513,12 @@ class HandedOverReplay(LayerReplay):
     op's own checks: an integer input, say, is refused by ours and taken by
     MLX's), the weight (its size) and the options, no forced path, the plan
     generation and the default device. Our kernels' testing switches and
-    the scales and biases do not change MLX's op. That is about half the
-    host time of a :class:`LayerReplay` check, and the call runs with no
-    Python frame between the layer and MLX's op: a small model's decode
-    step, on a fast GPU, is bound by the host, and nearly all of its layer
-    calls are these.
+    the scales and biases do not change MLX's op. The call runs with no
+    Python frame between the layer and MLX's op. Warm, on the simulated
+    CUDA path, a handed-over layer call took 1412 ns against 1547 through a
+    :class:`LayerReplay` and a closure (MLX's own layer 1017): a small
+    model's decode step on a fast GPU is bound by the host, and nearly all
+    of its layer calls are these.
     """
 
     __slots__ = ()

@@ -1438,14 +1438,16 @@ _QUANTIZED_MATMUL_CALLS = CallPlans()
 # 14336x4096, where 5 bits gave 0.75-0.82. A chain adds host and GPU
 # time; a decode step is pipelined, and a model whose host work outlasts
 # its GPU work pays our call's extra host time (about 1.5 µs) in full while
-# gaining nothing from the GPU time saved. So a limit sits above the size where chains break
-# even, taking in sizes where a chain call saved at most about 3 µs: 2**24
-# for 2 to 6 bits, where whole models decoded faster handed over
-# (2026-12-04, medians, Llama-3.2-1B shape 2588 against 3043 µs a token,
-# Llama-3-8B shape 2073 against 2227, one H200 host), and 14336x4096 for 8
-# bits (2.1-2.7 µs saved). The 5-bit limit stops below 8192x4096, where a
-# chain call saved 7 µs. Group sizes 32 and 128 moved 4-bit ratios by at
-# most 0.05. The public ops never hand over: they are this package's
+# gaining nothing from the GPU time saved. So a limit sits above the size
+# where chains break even, taking in sizes where a chain call saved at most
+# about 3 µs: 2**24 for 2 to 6 bits, where whole models decoded faster
+# handed over (2026-12-04, medians, Llama-3.2-1B shape 2588 against 3043
+# µs a token, Llama-3-8B shape 2073 against 2227, one H200 host; 2026-12-05,
+# ours / MLX's layers with the 4-bit limit at 2**24 against as it is: 1B
+# shape 1.167 against 1.053, 8B shape 0.751 against 0.723), and 14336x4096
+# for 8 bits (2.1-2.7 µs saved). The 5-bit limit stops below 8192x4096,
+# where a chain call saved 7 µs. Group sizes 32 and 128 moved 4-bit ratios
+# by at most 0.05. The public ops never hand over: they are this package's
 # kernels, which the benchmark times. scripts/handover_chains.py measures
 # the chains.
 LAYER_BUILTIN_DECODE_ROWS = 8
