@@ -527,6 +527,9 @@ class HandedOverReplay(LayerReplay):
         self, x, weight, scales, biases, group_size, bits, indices=None, flag=None
     ) -> Optional[mx.array]:
         """As :meth:`LayerReplay.replay`, for a linear layer (no indices)."""
+        # LayerReplay.replay's comparisons, less those that cannot change
+        # MLX's op (kept apart: a shared helper would put a Python call on
+        # the hot path these two exist to keep short).
         if (
             type(x) is mx.array
             and x.shape == self.x_shape
@@ -548,7 +551,8 @@ def _switches() -> tuple:
     the testing switches and the plan generation (none of them arrays, so
     tuples of them compare by equality). :class:`LayerReplay` records and
     compares the same four values one by one (no tuple built on its hot
-    path): a switch added here belongs there too."""
+    path): a switch added here belongs there too, and in
+    :class:`HandedOverReplay` where it concerns MLX's op."""
     return (override(), _poison.get(), CUDA_INCLUDES.get(), _plan_generation)
 
 
