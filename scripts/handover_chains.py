@@ -10,13 +10,14 @@ GPU after changing that (a layer's replay, the planned functions).
 A chain multiplies one f16 row by a layer pair (``[N, K]`` then ``[K, N]``)
 again and again, each call taking the last one's output as a decode step's
 projections do, and is evaluated once; its time over the number of calls
-is a call's time, host and GPU together. The two layer sets alternate, and
-each shape prints the median of the rounds, ours over MLX's, and what the
-current rule picks. Our set runs with the hand-over off.
+is a call's time, host and GPU together. The two layer sets take turns to
+go first (until 2026-12-05 MLX's always did), and each shape prints the
+median of the rounds, ours over MLX's, and what the current rule picks.
+Our set runs with the hand-over off.
 
 Run from the repository root::
 
-    python scripts/handover_chains.py [--rounds 5] [--pairs 64] [--bits 4 8]
+    python scripts/handover_chains.py [--rounds 6] [--pairs 64] [--bits 4 8]
 
 Without a GPU the script runs on the CPU path (useful only to check it
 runs).
@@ -31,6 +32,7 @@ import mlx.nn as nn
 
 import mlx_quant_ops as mqo
 from mlx_quant_ops import affine
+from mlx_quant_ops.bench.core import in_turns
 
 # (N, K) of the first layer of a pair; the limits in affine.py were set
 # between these sizes.
@@ -69,7 +71,8 @@ def chain_us(layers, x: mx.array, pairs: int) -> float:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=5)
+    # Even, so that each layer set goes first as often (bench.core.in_turns).
+    parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--pairs", type=int, default=64)
     parser.add_argument("--group-size", type=int, default=64)
     parser.add_argument(
@@ -91,7 +94,9 @@ def main(argv=None):
             try:
                 times = {"mlx": [], "ours": []}
                 for round_ in range(args.rounds + 1):  # the first warms up
-                    for key, layers in (("mlx", theirs), ("ours", ours)):
+                    for key, layers in in_turns(
+                        (("mlx", theirs), ("ours", ours)), round_
+                    ):
                         elapsed = chain_us(layers, x, args.pairs)
                         if round_:
                             times[key].append(elapsed)

@@ -11,7 +11,7 @@ the measured copy bandwidth.
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Sequence
 
 import mlx.core as mx
 
@@ -28,6 +28,26 @@ MAX_CALLS = 256
 
 #: One call of an op on weight set ``i`` (0 <= i < WEIGHT_SETS).
 Op = Callable[[int], mx.array]
+
+
+def in_turns(contenders: Sequence, round_: int) -> list:
+    """``contenders`` in the order a round of back-to-back timings runs
+    them: as given in even rounds, reversed in odd ones. Whatever runs
+    second meets the host's caches, clocks and MLX's allocator pool as the
+    first left them, so over an even number of rounds neither side gains
+    from its place.
+
+    Args:
+        contenders (sequence): what each round times, one after another.
+        round_ (int): the round's number.
+
+    Returns:
+        list: the round's order.
+    """
+    order = list(contenders)
+    if round_ % 2:
+        order.reverse()
+    return order
 
 
 @dataclass

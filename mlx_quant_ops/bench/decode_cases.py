@@ -24,6 +24,8 @@ from typing import List, Tuple
 import mlx.core as mx
 import mlx.nn as nn
 
+from .core import in_turns
+
 
 def _llama(hidden: int, layers: int, mlp: int, heads: int, kv_heads: int, vocab: int):
     """mlx-lm ``llama.ModelArgs`` fields of a Llama of these sizes."""
@@ -100,10 +102,8 @@ class DecodeRow:
 
 
 # Timed passes per layer set. Each round times both sets back to back, MLX's
-# layers first in even rounds and ours first in odd ones (an even number of
-# rounds), so that neither gains from its place: the set that runs second
-# meets the host's caches, clocks and MLX's allocator pool as the other one
-# left them. (Until 2026-12-05 MLX's layers always went first; on an H200,
+# layers first in even rounds and ours first in odd ones (core.in_turns; an
+# even number of rounds), so that neither gains from its place. (Until 2026-12-05 MLX's layers always went first; on an H200,
 # with our linear layers running MLX's own __call__, the 1B shape's ratio
 # was 1.052 so.) A first untimed pass of each compiles kernels and plans
 # calls. The H100 host's Python speed swings by up to 1.5x from one pass to
@@ -197,10 +197,7 @@ def run(quick: bool, log=print) -> List[DecodeRow]:
         passes = {key: [] for key in layer_sets}
         host, build = {}, {}
         for round_ in range(ROUNDS + 1):
-            order = list(layer_sets.items())
-            if round_ % 2:
-                order.reverse()
-            for key, layers in order:
+            for key, layers in in_turns(layer_sets.items(), round_):
                 model.update_modules(layers)
                 timed = _per_token_us(model, prompt, tokens)
                 if round_ > 0:
