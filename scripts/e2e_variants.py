@@ -8,7 +8,9 @@ Variants: ``current`` (the package as it is); ``lower-limits`` (2- to
 6-bit hand-over limits at 2**24 values and 8-bit at 2**25, so 4096x4096
 and 8192x2048 weights run our kernels); ``mlx-call`` (our linear layers
 run MLX's own ``QuantizedLinear.__call__``, tied heads too: what is left
-of the difference is outside the linear layers' calls).
+of the difference is outside the linear layers' calls); ``mlx-embed``
+(our embedding lookups run MLX's own ``QuantizedEmbedding.__call__``);
+``mlx-all`` (both: what is left is outside our layers altogether).
 """
 
 import sys
@@ -19,14 +21,22 @@ import mlx_quant_ops as mqo
 from mlx_quant_ops import affine
 from mlx_quant_ops.bench.__main__ import main
 
+def _mlx_linear_call():
+    mqo.nn.QuantizedLinear.__call__ = nn.QuantizedLinear.__call__
+
+
+def _mlx_embedding_call():
+    mqo.nn.QuantizedEmbedding.__call__ = nn.QuantizedEmbedding.__call__
+
+
 VARIANTS = {
     "current": lambda: None,
     "lower-limits": lambda: affine.LAYER_BUILTIN_DECODE_BELOW.update(
         {2: 1 << 24, 3: 1 << 24, 4: 1 << 24, 5: 1 << 24, 6: 1 << 24, 8: 1 << 25}
     ),
-    "mlx-call": lambda: setattr(
-        mqo.nn.QuantizedLinear, "__call__", nn.QuantizedLinear.__call__
-    ),
+    "mlx-call": _mlx_linear_call,
+    "mlx-embed": _mlx_embedding_call,
+    "mlx-all": lambda: (_mlx_linear_call(), _mlx_embedding_call()),
 }
 
 if __name__ == "__main__":
