@@ -1162,6 +1162,13 @@ def test_bench_decode_rows_time_both_layer_sets(monkeypatch):
     ratios = sorted(o / b for o, b in zip(ours_passes, builtin_passes))
     middle = len(ratios) // 2  # an even count: the mean of the middle two
     assert row.paired_ratio == pytest.approx((ratios[middle - 1] + ratios[middle]) / 2)
+    # The quartiles bracket the median and each leaves at most a quarter of
+    # the rounds' ratios outside it.
+    first_quartile, third_quartile = row.ratio_quartiles
+    assert ratios[0] <= first_quartile <= row.paired_ratio <= third_quartile
+    assert third_quartile <= ratios[-1]
+    assert sum(r < first_quartile for r in ratios) <= len(ratios) // 4
+    assert sum(r > third_quartile for r in ratios) <= len(ratios) // 4
     assert host_by_set == {
         True: (row.ours_host_us, row.ours_build_us),
         False: (row.builtin_host_us, row.builtin_build_us),

@@ -106,6 +106,7 @@ def main(argv=None):
                             "ours_build_us_per_token": r.ours_build_us,
                             "builtin_build_us_per_token": r.builtin_build_us,
                             "ours_over_builtin_paired": r.paired_ratio,
+                            "paired_ratio_quartiles": list(r.ratio_quartiles),
                         }
                         for r in decode_rows
                     ],

@@ -99,18 +99,25 @@ class DecodeRow:
     # compares the two sets at nearly the same speed where the two bests
     # may come from different minutes.
     paired_ratio: float
+    # The first and third quartiles of those rounds' ratios: how far the
+    # host's swings move one round's ratio.
+    ratio_quartiles: Tuple[float, float]
 
 
 # Timed passes per layer set. Each round times both sets back to back, MLX's
 # layers first in even rounds and ours first in odd ones (core.in_turns; an
-# even number of rounds), so that neither gains from its place. (Until 2026-12-05 MLX's layers always went first; on an H200,
-# with our linear layers running MLX's own __call__, the 1B shape's ratio
-# was 1.052 so.) A first untimed pass of each compiles kernels and plans
-# calls. The H100 host's Python speed swings by up to 1.5x from one pass to
-# the next, so a row keeps each set's best of several passes, and the
-# median of the rounds' ratios (DecodeRow.paired_ratio). A pass is timed
-# whole, as a user's tokens per second sees it.
-ROUNDS = 6
+# even number of rounds), so that neither gains from its place. (Until
+# 2026-12-05 MLX's layers always went first; on an H200, with our linear
+# layers running MLX's own __call__, the 1B shape's ratio was 1.052 so.) A
+# first untimed pass of each compiles kernels and plans calls. The H100
+# host's Python speed swings by up to 1.5x from one pass to the next, so a
+# row keeps each set's best of several passes, and the median of the rounds'
+# ratios (DecodeRow.paired_ratio). A pass is timed whole, as a user's tokens
+# per second sees it. A pass takes about a tenth of a second and building a
+# model several, so rounds are cheap: at 6 rounds, runs in which both sets
+# ran the same layer code read from 0.97 to 1.12 on an H100 host
+# (2026-12-05), too wide to tell a 5% difference.
+ROUNDS = 24
 
 
 def _per_token_us(model, prompt: mx.array, tokens: int) -> float:
@@ -205,6 +212,10 @@ def run(quick: bool, log=print) -> List[DecodeRow]:
         for key, layers in layer_sets.items():
             model.update_modules(layers)
             host[key], build[key] = _host_us(model, prompt, tokens)
+        ratios = [
+            ours / builtin for ours, builtin in zip(passes["ours"], passes["builtin"])
+        ]
+        first_quartile, _, third_quartile = statistics.quantiles(ratios, n=4)
         row = DecodeRow(
             name,
             min(passes["ours"]),
@@ -213,12 +224,8 @@ def run(quick: bool, log=print) -> List[DecodeRow]:
             host["builtin"],
             build["ours"],
             build["builtin"],
-            statistics.median(
-                [
-                    ours / builtin
-                    for ours, builtin in zip(passes["ours"], passes["builtin"])
-                ]
-            ),
+            statistics.median(ratios),
+            (first_quartile, third_quartile),
         )
         rows.append(row)
         log(format_row(row))
@@ -229,7 +236,7 @@ def run(quick: bool, log=print) -> List[DecodeRow]:
 HEADER = (
     f"{'mlx-lm decode':<22} {'model (q4 g64 f16)':<36} {'ours us':>9} {'built-in':>9}"
     f" {'host: ours':>11} {'built-in':>9} {'build: ours':>12} {'built-in':>9}"
-    f" {'ours/built-in':>14}"
+    f" {'ours/built-in':>14} {'quartiles':>12}"
 )
 
 
@@ -239,4 +246,5 @@ def format_row(row: DecodeRow) -> str:
         f" {row.ours_host_us:>11.1f} {row.builtin_host_us:>9.1f}"
         f" {row.ours_build_us:>12.1f} {row.builtin_build_us:>9.1f}"
         f" {row.paired_ratio:>14.3f}"
+        f" {row.ratio_quartiles[0]:>6.3f}-{row.ratio_quartiles[1]:.3f}"
     )
