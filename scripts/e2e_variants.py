@@ -21,6 +21,7 @@ import mlx_quant_ops as mqo
 from mlx_quant_ops import affine
 from mlx_quant_ops.bench.__main__ import main
 
+
 def _mlx_linear_call():
     mqo.nn.QuantizedLinear.__call__ = nn.QuantizedLinear.__call__
 
