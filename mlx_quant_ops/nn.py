@@ -76,7 +76,8 @@ def _adopt(cls, base: type, layer: nn.Module, op: str) -> nn.Module:
     # Plain attributes first (group_size, bits, mode, _training, ...), then
     # the arrays, which a Module keeps as its dict items.
     adopted.__dict__.update(layer.__dict__)
-    adopted.__dict__.pop("_replay", None)  # never share another's
+    for slot in _PlannedCalls.REPLAY_SLOTS:
+        adopted.__dict__.pop(slot, None)  # never share another's
     adopted._no_grad = set(layer._no_grad)
     dict.update(adopted, layer)
     return adopted
@@ -85,25 +86,34 @@ def _adopt(cls, base: type, layer: nn.Module, op: str) -> nn.Module:
 class _PlannedCalls:
     """Mixed into each layer: its last planned op call (a
     :class:`~mlx_quant_ops._kernels.LayerReplay`), so the layer's next call
-    with the same arrays skips the op's checks and plans. Replacing an
-    array of the layer (``update``, ``load_weights``, assignment, deletion:
-    all go through ``__setitem__`` or ``__delitem__``) drops it, so old
-    weights are not kept alive; arrays put in behind the layer's back are
-    caught by the replay's identity checks."""
+    with the same arrays skips the op's checks and plans. An embedding
+    keeps its last lookup apart (``_lookup_replay``), since a model with
+    tied embeddings alternates lookups with ``as_linear`` products.
+    Replacing an array of the layer (``update``, ``load_weights``,
+    assignment, deletion: all go through ``__setitem__`` or
+    ``__delitem__``) drops them, so old weights are not kept alive; arrays
+    put in behind the layer's back are caught by the replays' identity
+    checks."""
 
+    REPLAY_SLOTS = ("_replay", "_lookup_replay")
     _replay: Optional[LayerReplay] = None
+    _lookup_replay: Optional[LayerReplay] = None
 
-    def _keep(self, replay: Optional[LayerReplay]) -> None:
-        """Keep ``replay`` for the next call; a call that could not be kept
-        (None) drops the last one."""
-        object.__setattr__(self, "_replay", replay)
+    def _keep(self, replay: Optional[LayerReplay], slot: str = "_replay") -> None:
+        """Keep ``replay`` in ``slot`` for the next call there; a call that
+        could not be kept (None) drops the last one."""
+        object.__setattr__(self, slot, replay)
+
+    def _forget_replays(self) -> None:
+        for slot in self.REPLAY_SLOTS:
+            object.__setattr__(self, slot, None)
 
     def __setitem__(self, key, value):
-        object.__setattr__(self, "_replay", None)
+        self._forget_replays()
         super().__setitem__(key, value)
 
     def __delitem__(self, key):
-        object.__setattr__(self, "_replay", None)
+        self._forget_replays()
         super().__delitem__(key)
 
 
@@ -202,8 +212,11 @@ class QuantizedEmbedding(_PlannedCalls, nn.QuantizedEmbedding):
     """:class:`mlx.nn.QuantizedEmbedding` on mlx-quant-ops' ops.
 
     A lookup dequantizes only the gathered rows with
-    :func:`mlx_quant_ops.dequantize`; :meth:`as_linear` (tied output
-    projections) runs :func:`mlx_quant_ops.quantized_matmul`. Same
+    :func:`mlx_quant_ops.dequantize` (on CUDA a decode step's few rows with
+    ``mx.dequantize``, bit for bit the same, whose single graph node costs
+    the host less: :data:`mlx_quant_ops.affine.LAYER_BUILTIN_LOOKUP_ROWS`);
+    :meth:`as_linear` (tied output projections) runs
+    :func:`mlx_quant_ops.quantized_matmul`. Same
     constructor, parameters, options and frozen state as MLX's layer, and
     ``mode`` must be ``"affine"``.
 
@@ -227,13 +240,17 @@ class QuantizedEmbedding(_PlannedCalls, nn.QuantizedEmbedding):
         super().__init__(num_embeddings, dims, group_size, bits, mode)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return affine.dequantize(
-            self["weight"][x],
-            scales=self["scales"][x],
-            biases=self["biases"][x],
-            group_size=self.group_size,
-            bits=self.bits,
-        )
+        table, scales, biases = self["weight"], self["scales"], self["biases"]
+        replay = self._lookup_replay
+        rows = None
+        if replay is not None:
+            rows = replay.replay(x, table, scales, biases, self.group_size, self.bits)
+        if rows is None:
+            rows, replay = affine._layer_lookup(
+                x, table, scales, biases, self.group_size, self.bits
+            )
+            self._keep(replay, "_lookup_replay")
+        return rows
 
     def as_linear(self, x: mx.array) -> mx.array:
         """``x @ E.T`` for the dequantized embedding table ``E``: the output

@@ -39,17 +39,21 @@ DEVICES = [
 ]
 
 
-# The measured hand-over of small decodes to MLX's built-in (CUDA only).
+# The measured hand-over of small decodes and lookups to MLX's built-ins
+# (CUDA only).
 MEASURED_BUILTIN_DECODE_BELOW = dict(affine.LAYER_BUILTIN_DECODE_BELOW)
+MEASURED_BUILTIN_LOOKUP_ROWS = affine.LAYER_BUILTIN_LOOKUP_ROWS
 
 
 @pytest.fixture(autouse=True)
 def layers_on_our_kernels(monkeypatch):
     """Layers here run this package's kernels on every path, so the GPU
-    tests test them: the hand-over of small decodes to MLX's built-in
-    (``affine.LAYER_BUILTIN_DECODE_BELOW``) has its own test, which turns
-    it back on."""
+    tests test them: the hand-over of small decodes and lookups to MLX's
+    built-ins (``affine.LAYER_BUILTIN_DECODE_BELOW`` and
+    ``LAYER_BUILTIN_LOOKUP_ROWS``) has its own tests, which turn it back
+    on."""
     monkeypatch.setattr(affine, "LAYER_BUILTIN_DECODE_BELOW", {})
+    monkeypatch.setattr(affine, "LAYER_BUILTIN_LOOKUP_ROWS", 0)
     clear_plans()  # nothing kept from another test's rules replays here
     yield
     clear_plans()
@@ -410,6 +414,66 @@ def test_builtin_decode_rule(monkeypatch):
         assert not rule(one, below, 4)
 
 
+def test_builtin_lookup_rule(monkeypatch):
+    """Which embedding lookups ``layer_lookup_on_builtin`` hands to MLX: on
+    the CUDA path (pretended here, the rule reads only the indices' size),
+    at most ``LAYER_BUILTIN_LOOKUP_ROWS`` tokens, no forced path."""
+    monkeypatch.setattr(affine, "LAYER_BUILTIN_LOOKUP_ROWS", 8)
+    monkeypatch.setattr(affine, "backend", lambda stream: "cuda")
+    rule = affine.layer_lookup_on_builtin
+    assert rule(mx.array([3])) and rule(mx.zeros((2, 4), mx.int32))
+    assert not rule(mx.zeros((1, 9), mx.int32))
+    with mqo.use_backend("reference"):
+        assert not rule(mx.array([3]))
+    monkeypatch.setattr(affine, "backend", lambda stream: "reference")
+    assert not rule(mx.array([3]))
+
+
+def test_embedding_lookups_replay_and_hand_over(monkeypatch):
+    """On the CUDA path (simulated: MLX's ops run on the CPU, our kernels
+    are recorded), a decode-sized lookup is MLX's ``mx.dequantize`` of the
+    gathered rows, bit for bit, and replays without the op's plans, also
+    between the tied output projections a model alternates it with; a
+    prompt-sized lookup runs our kernel; a replaced table is the one looked
+    up."""
+    from cuda_compile import recording
+
+    monkeypatch.setattr(
+        affine, "LAYER_BUILTIN_LOOKUP_ROWS", MEASURED_BUILTIN_LOOKUP_ROWS
+    )
+    visits = plan_visits(monkeypatch)
+    mx.random.seed(9)
+    float_layer = nn.Embedding(300, 128)
+    theirs = nn.QuantizedEmbedding.from_embedding(float_layer, 64, 4)
+    ours = mqo.nn.QuantizedEmbedding.from_quantized(theirs)
+    token, prompt = mx.array([[17]]), mx.arange(40).reshape(2, 20)
+    hidden = sample((1, 1, 128), "normal")
+
+    def mlx_rows(layer, ids):
+        rows = (layer.weight[ids], layer.scales[ids], layer.biases[ids])
+        return mx.dequantize(*rows, group_size=64, bits=4)
+
+    with recording(forced=False) as launches:
+        for _ in range(3):
+            rows = ours(token)
+            assert "CustomTransforms" not in graph_ops(rows)
+            assert mx.array_equal(rows, mlx_rows(theirs, token))
+            ours.as_linear(hidden)
+        assert visits == ["_plan_dequantize", "_plan_quantized_matmul"]
+        launches.clear()
+        rows = ours(prompt)
+        assert "CustomTransforms" in graph_ops(rows)
+        assert launches  # our kernel, traced for the new shape
+        with mqo.use_backend("cuda"):
+            assert "CustomTransforms" in graph_ops(ours(token))
+        visits.clear()
+        ours.scales = theirs.scales * 2  # through the layer: drops its replays
+        assert mx.array_equal(ours(token), mlx_rows(ours, token))
+        dict.__setitem__(ours, "biases", theirs.biases + 1)  # behind its back
+        assert mx.array_equal(ours(token), mlx_rows(ours, token))
+    assert visits == ["_plan_dequantize"] * 2
+
+
 def test_handed_over_call_replays_on_the_layers_options(monkeypatch):
     """A decode call handed to MLX's built-in (on the CUDA path, simulated:
     MLX's op runs on the CPU) replays while the layer's arrays and options
@@ -667,6 +731,45 @@ def test_small_decodes_run_on_mlx_builtin(monkeypatch):
             m.unfreeze(keys=["scales", "biases"], recurse=False)
         loss = lambda m: (m(one).astype(mx.float32) ** 2).sum()  # noqa: E731
         ours_g = nn.value_and_grad(small, lambda: loss(small))()[1]
+        theirs_g = nn.value_and_grad(theirs, lambda: loss(theirs))()[1]
+        for (k, a), (_, b) in zip(tree_flatten(ours_g), tree_flatten(theirs_g)):
+            assert mx.array_equal(a, b), k
+
+
+@pytest.mark.gpu
+def test_small_lookups_run_on_mlx_builtin(monkeypatch):
+    """On CUDA an embedding lookup of at most ``LAYER_BUILTIN_LOOKUP_ROWS``
+    tokens is MLX's ``mx.dequantize`` of the gathered rows, bit for bit,
+    with MLX's layer's gradients for the scales and biases; a longer one
+    runs our kernel, bit for bit the public op's."""
+    if mqo.backend(mx.default_stream(mx.gpu)) != "cuda":
+        pytest.skip("the hand-over is measured on CUDA only")
+    monkeypatch.setattr(
+        affine, "LAYER_BUILTIN_LOOKUP_ROWS", MEASURED_BUILTIN_LOOKUP_ROWS
+    )
+    clear_plans()
+    mx.random.seed(12)
+    float_layer = nn.Embedding(1000, 512)
+    float_layer.weight = sample((1000, 512), "normal", mx.float16)
+    theirs = nn.QuantizedEmbedding.from_embedding(float_layer, 64, 4)
+    mx.eval(theirs.parameters())
+    ours = mqo.nn.QuantizedEmbedding.from_quantized(theirs)
+    with mx.stream(mx.gpu):
+        token = mx.array([[411]])
+        for _ in range(2):  # planned, then replayed
+            rows = ours(token)
+            assert "CustomTransforms" not in graph_ops(rows)
+            assert mx.array_equal(rows, theirs(token))
+        prompt = mx.arange(0, 1000, 59).reshape(1, -1)
+        rows = ours(prompt)
+        assert "CustomTransforms" in graph_ops(rows)
+        gathered = (ours.weight[prompt], ours.scales[prompt], ours.biases[prompt])
+        assert mx.array_equal(rows, mqo.dequantize(*gathered, group_size=64, bits=4))
+
+        for m in (ours, theirs):
+            m.unfreeze(keys=["scales", "biases"], recurse=False)
+        loss = lambda m: (m(token).astype(mx.float32) ** 2).sum()  # noqa: E731
+        ours_g = nn.value_and_grad(ours, lambda: loss(ours))()[1]
         theirs_g = nn.value_and_grad(theirs, lambda: loss(theirs))()[1]
         for (k, a), (_, b) in zip(tree_flatten(ours_g), tree_flatten(theirs_g)):
             assert mx.array_equal(a, b), k
@@ -1000,10 +1103,10 @@ def check_patched_model_generates_same(arch, bits, group_size, stream):
 def test_decode_steps_replay_on_the_cuda_path(monkeypatch, arch):
     """On the CUDA path (simulated without a GPU: our kernels recorded, not
     run; MLX's ops on the CPU), a patched model's decode steps plan nothing
-    once the first has run: every linear and switch layer replays its last
-    call, the small projections handed to MLX's built-in, and only the
-    embedding lookup goes through an op's plans. A layer that planned
-    again would cost the host tens of µs a token, which no result shows."""
+    once the first has run: every layer replays its last call, the small
+    projections and the embedding lookup handed to MLX's built-ins. A
+    layer that planned again would cost the host tens of µs a token, which
+    no result shows."""
     from cuda_compile import recording
 
     model = random_model(arch)
@@ -1014,6 +1117,9 @@ def test_decode_steps_replay_on_the_cuda_path(monkeypatch, arch):
     # MLP and the head to our kernels, as on a Llama-3-8B-shaped model.
     table = {bits: 256 * 256 + 1 for bits in MEASURED_BUILTIN_DECODE_BELOW}
     monkeypatch.setattr(affine, "LAYER_BUILTIN_DECODE_BELOW", table)
+    monkeypatch.setattr(
+        affine, "LAYER_BUILTIN_LOOKUP_ROWS", MEASURED_BUILTIN_LOOKUP_ROWS
+    )
     visits = plan_visits(monkeypatch)
     with recording(forced=False) as launches:
         cache = make_prompt_cache(model)
@@ -1027,7 +1133,7 @@ def test_decode_steps_replay_on_the_cuda_path(monkeypatch, arch):
             assert {"QuantizedMatmul", "CustomTransforms"} <= ops
             token = mx.argmax(logits[0, -1])
             mx.eval(token)
-    assert visits == ["_plan_dequantize"] * 3
+    assert visits == []
     assert launches == []  # our kernel calls replayed their compiled graphs
 
 
