@@ -1956,7 +1956,7 @@ _GATHER_QMM_CALLS = CallPlans()
 
 
 def _layer_gather_qmm(
-    x, w, scales, biases, indices, group_size, bits, sorted_indices
+    x, w, scales, biases, group_size, bits, indices, sorted_indices
 ) -> Tuple[mx.array, Optional[LayerReplay]]:
     """``gather_qmm(x, w, scales, biases, rhs_indices=indices,
     transpose=True, ...)`` for a layer holding ``w``, ``scales`` and
