@@ -10,11 +10,16 @@ and 8192x2048 weights run our kernels); ``mlx-call`` (our linear layers
 run MLX's own ``QuantizedLinear.__call__``, tied heads too: what is left
 of the difference is outside the linear layers' calls); ``mlx-embed``
 (our embedding lookups run MLX's own ``QuantizedEmbedding.__call__``);
-``mlx-all`` (both: what is left is outside our layers altogether).
+``mlx-all`` (both: what is left is outside our layers altogether);
+``uncompiled-plans`` (a planned call of our kernels runs its function as
+is, custom function and kernel call in Python, instead of replaying it
+through ``mx.compile``: which of the two costs the host less).
 """
 
 import sys
+import types
 
+import mlx.core as mx
 import mlx.nn as nn
 
 import mlx_quant_ops as mqo
@@ -30,6 +35,17 @@ def _mlx_embedding_call():
     mqo.nn.QuantizedEmbedding.__call__ = nn.QuantizedEmbedding.__call__
 
 
+def _uncompiled_plans():
+    # _kernels' own view of mlx.core with compile as the identity: a copy of
+    # the module's namespace, so every other name costs what it did.
+    from mlx_quant_ops import _kernels
+
+    no_compile = types.ModuleType("mlx.core")
+    no_compile.__dict__.update(mx.__dict__)
+    no_compile.compile = lambda fun, *args, **kwargs: fun
+    _kernels.mx = no_compile
+
+
 VARIANTS = {
     "current": lambda: None,
     "lower-limits": lambda: affine.LAYER_BUILTIN_DECODE_BELOW.update(
@@ -38,6 +54,7 @@ VARIANTS = {
     "mlx-call": _mlx_linear_call,
     "mlx-embed": _mlx_embedding_call,
     "mlx-all": lambda: (_mlx_linear_call(), _mlx_embedding_call()),
+    "uncompiled-plans": _uncompiled_plans,
 }
 
 if __name__ == "__main__":
