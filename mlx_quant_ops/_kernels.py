@@ -342,7 +342,7 @@ class CallPlans:
         Returns:
             What the op returns.
         """
-        return self.call(make, stream, arrays, options)[0]
+        return self.plan(make, stream, arrays, options)[0](*arrays)
 
     def call(
         self,
@@ -354,22 +354,41 @@ class CallPlans:
         """As calling the CallPlans, and also the planned function of
         ``arrays`` that computed the result (``None`` for a call that cannot
         be keyed), for a caller that keeps its own :class:`LayerReplay`."""
+        run, kept = self.plan(make, stream, arrays, options)
+        return run(*arrays), run if kept else None
+
+    def plan(
+        self,
+        make: Callable,
+        stream: StreamLike,
+        arrays: Tuple[Optional[mx.array], ...],
+        options: tuple,
+    ) -> Tuple[Callable, bool]:
+        """The planned function of ``arrays`` for this call, not yet run:
+        the kept one for its signature, else ``make``'s (which checks the
+        arguments first). For a layer that may hand the call to another
+        library's op instead, so that our kernel's graph is neither built
+        nor traced for a call it does not run.
+
+        Returns:
+            tuple: the function, and whether it is kept (False for a call
+            that cannot be keyed: a layer must not keep it either).
+        """
         key = check.signature(arrays, options)
         if key is not None:
             key = (plan_context(stream), key)
             run = self._plans.get(key)
             if run is not None:
-                return run(*arrays), run
+                return run, True
         run = make(stream, *arrays, *options)
         if backend(stream) != "reference":
             run = mx.compile(run)
-        result = run(*arrays)
         if key is None:
-            return result, None
+            return run, False
         if len(self._plans) >= _CALL_PLAN_ENTRIES:
             self._plans.clear()
         self._plans[key] = run
-        return result, run
+        return run, True
 
 
 def plan_context(stream: StreamLike) -> tuple:

@@ -1497,20 +1497,21 @@ def _layer_quantized_matmul(
         :class:`~mlx_quant_ops._kernels.HandedOverReplay` of MLX's op, or
         None where the call cannot be kept (arguments the plans cannot key).
     """
-    y, run = _QUANTIZED_MATMUL_CALLS.call(
+    run, kept = _QUANTIZED_MATMUL_CALLS.plan(
         _plan_quantized_matmul,
         None,
         (x, w, scales, biases),
         (True, group_size, bits, "affine"),
     )
-    if run is None:
-        return y, None
+    if not kept:
+        return run(x, w, scales, biases), None
     if layer_decode_on_builtin(x, w, bits):
         y = mx.quantized_matmul(x, w, scales, biases, True, group_size, bits)
         replay = HandedOverReplay(
             mx.quantized_matmul, x, w, scales, biases, group_size, bits
         )
         return y, replay
+    y = run(x, w, scales, biases)
     return y, LayerReplay(run, x, w, scales, biases, group_size, bits)
 
 
@@ -1562,11 +1563,11 @@ def _layer_lookup(
         where the call cannot be kept.
     """
     rows = (table[indices], scales[indices], biases[indices])
-    y, run = _DEQUANTIZE_CALLS.call(
+    run, kept = _DEQUANTIZE_CALLS.plan(
         _plan_dequantize, None, rows, (group_size, bits, "affine", None, None)
     )
-    if run is None or type(indices) is not mx.array:
-        return y, None
+    if not kept or type(indices) is not mx.array:
+        return run(*rows), None
     if layer_lookup_on_builtin(indices):
         y = mx.dequantize(*rows, group_size, bits)
 
@@ -1576,6 +1577,7 @@ def _layer_lookup(
             )
 
     else:
+        y = run(*rows)
 
         def lookup(indices, table, scales, biases):
             return run(table[indices], scales[indices], biases[indices])

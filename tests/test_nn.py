@@ -310,15 +310,16 @@ def test_layer_calls_replay_their_last_plan(monkeypatch, device):
 
 def plan_visits(monkeypatch) -> list:
     """The list each trip through an op's ``CallPlans`` appends its plan
-    function's name to (a call that did not replay a kept plan)."""
+    function's name to (a call that did not replay a kept plan). Every
+    trip, whether or not it runs the plan, goes through ``CallPlans.plan``."""
     visits = []
-    call = CallPlans.call
+    plan = CallPlans.plan
 
     def counted(self, make, *args):
         visits.append(make.__name__)
-        return call(self, make, *args)
+        return plan(self, make, *args)
 
-    monkeypatch.setattr(CallPlans, "call", counted)
+    monkeypatch.setattr(CallPlans, "plan", counted)
     return visits
 
 
@@ -487,12 +488,13 @@ def test_handed_over_call_replays_on_the_layers_options(monkeypatch):
     theirs = nn.QuantizedLinear.from_linear(linear(128, 40, mx.float32), 64, 4)
     ours = mqo.nn.QuantizedLinear.from_quantized(theirs)
     x = sample((1, 128), "normal")
-    with recording(forced=False):
+    with recording(forced=False) as launches:
         for _ in range(3):
             y = ours(x)
             assert "QuantizedMatmul" in graph_ops(y)
             assert mx.array_equal(y, theirs(x))
         assert visits == ["_plan_quantized_matmul"]
+        assert launches == []  # our kernel was not even traced for it
         ours.group_size = 32
         with pytest.raises(ValueError, match="quantized_matmul"):
             ours(x)
