@@ -32,7 +32,7 @@ from mlx.utils import tree_map_with_path
 
 from . import _validate as check
 from . import affine
-from ._kernels import LayerReplay
+from ._kernels import HandedOverReplay, LayerReplay, _step, step_key
 
 try:
     from mlx_lm.models.switch_layers import (
@@ -170,14 +170,25 @@ class QuantizedLinear(_PlannedCalls, nn.QuantizedLinear):
         # _PlannedCalls._replayed_or_planned, inline (the hot path).
         w, scales, biases = self["weight"], self["scales"], self["biases"]
         replay = self._replay
-        y = None
-        if replay is not None:
-            y = replay.replay(x, w, scales, biases, self.group_size, self.bits)
-        if y is None:
-            y, replay = affine._layer_quantized_matmul(
-                x, w, scales, biases, self.group_size, self.bits
-            )
-            self._keep(replay)
+        if (
+            type(replay) is HandedOverReplay
+            and _step.get() == replay.step
+            and w is replay.weight
+            and type(x) is mx.array
+            and x.size == replay.x_size
+        ):
+            # A handed-over call inside a patched model's step, which
+            # checked the rest once (see HandedOverReplay).
+            y = replay.run(x, w, scales, biases, True, self.group_size, self.bits)
+        else:
+            y = None
+            if replay is not None:
+                y = replay.replay(x, w, scales, biases, self.group_size, self.bits)
+            if y is None:
+                y, replay = affine._layer_quantized_matmul(
+                    x, w, scales, biases, self.group_size, self.bits
+                )
+                self._keep(replay)
         if "bias" in self:
             y = y + self["bias"]
         return y
@@ -505,6 +516,46 @@ def _patched(module: nn.Module) -> nn.Module:
     return ours.from_quantized(module)
 
 
+# The step classes made so far, by the model class each extends.
+_STEP_CLASSES: dict = {}
+
+
+def _stepped(cls: type) -> type:
+    """``cls`` extended so that each call of an instance runs as one step
+    (see :func:`patch`): the call publishes
+    :func:`~mlx_quant_ops._kernels.step_key` for the layer calls inside it,
+    and takes it back when it returns or raises (nested steps restore the
+    outer one's key)."""
+    if cls.__dict__.get("_runs_as_steps", False):
+        return cls
+    stepped = _STEP_CLASSES.get(cls)
+    if stepped is None:
+        forward = cls.__call__
+
+        def __call__(self, *args, **kwargs):
+            token = _step.set(step_key())
+            try:
+                return forward(self, *args, **kwargs)
+            finally:
+                _step.reset(token)
+
+        # Named as the model's own class, so reprs, type names and
+        # isinstance checks read as before.
+        stepped = type(
+            cls.__name__,
+            (cls,),
+            {
+                "__call__": __call__,
+                "__module__": cls.__module__,
+                "__qualname__": cls.__qualname__,
+                "__doc__": cls.__doc__,
+                "_runs_as_steps": True,
+            },
+        )
+        _STEP_CLASSES[cls] = stepped
+    return stepped
+
+
 def patch(model: nn.Module) -> nn.Module:
     """Swap a model's MLX quantized layers for this package's, in place.
 
@@ -524,7 +575,13 @@ def patch(model: nn.Module) -> nn.Module:
     mlx-lm builds each decode step on the host, so a patched model decodes
     faster than MLX's layers where the GPU time of the step bounds it (a
     large model), and follows the host's speed where the host does
-    (docs/benchmarks.md, twenty-first session).
+    (docs/benchmarks.md, twenty-first session). So that the host's part
+    costs no more than with MLX's layers, the model's own class is extended
+    (same name, a subclass, so ``isinstance`` holds) to run each call of
+    the model as a step: a layer call that goes to MLX's own op (a small
+    decode on CUDA) then checks only its weight and its input's size, the
+    step having checked the path once as it began. A layer called on its
+    own, outside the model, checks everything, as before.
 
     Args:
         model (mlx.nn.Module): a model, typically from ``mlx_lm.load`` or
@@ -546,6 +603,8 @@ def patch(model: nn.Module) -> nn.Module:
         lambda _, m: _patched(m), model.leaf_modules(), is_leaf=nn.Module.is_module
     )
     model.update_modules(leaves)
+    if callable(model):
+        object.__setattr__(model, "__class__", _stepped(type(model)))
     return model
 
 

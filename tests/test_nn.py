@@ -970,10 +970,17 @@ def test_patch_swaps_affine_layers_in_place():
     assert not any(m.training for _, m in model.named_modules())
     assert rel_err(model(tokens), f64(before)) <= 1e-5
 
-    # Idempotent: a second patch keeps every module object.
+    # The model's class is extended (same name, a subclass) to run calls
+    # as steps.
+    stepped = type(model)
+    assert stepped.__bases__ == (Toy,) and stepped.__name__ == "Toy"
+    assert isinstance(model, Toy)
+
+    # Idempotent: a second patch keeps every module object and the class.
     modules = dict(model.named_modules())
     assert mqo.nn.patch(model) is model
     assert all(modules[k] is m for k, m in model.named_modules())
+    assert type(model) is stepped
 
 
 def test_patch_bare_layer_returns_replacement():
@@ -1002,7 +1009,11 @@ def test_quantize_is_nn_quantize_then_patch():
     assert mqo.nn.quantize(model, 32, 8) is model
     nn.quantize(reference, 32, 8)
     types = module_types(model)
+    # The model itself runs as steps (see test_patched_models_run_as_steps).
+    assert types.pop("") is mqo.nn._stepped(Toy)
     for name, cls in module_types(reference).items():
+        if not name:
+            continue
         expected = {
             nn.QuantizedLinear: mqo.nn.QuantizedLinear,
             nn.QuantizedEmbedding: mqo.nn.QuantizedEmbedding,
@@ -1139,6 +1150,132 @@ def test_decode_steps_replay_on_the_cuda_path(monkeypatch, arch):
             mx.eval(token)
     assert visits == []
     assert launches == []  # our kernel calls replayed their compiled graphs
+
+
+def llama_handed_over(monkeypatch):
+    """A float16 4-bit Llama whose every decode call and lookup goes to
+    MLX's built-ins on CUDA, with its two layer sets, MLX's and ours
+    (patched), for ``model.update_modules``."""
+    monkeypatch.setattr(affine, "LAYER_BUILTIN_DECODE_BELOW", {4: 1 << 40})
+    monkeypatch.setattr(
+        affine, "LAYER_BUILTIN_LOOKUP_ROWS", MEASURED_BUILTIN_LOOKUP_ROWS
+    )
+    model = random_model("llama")
+    model.set_dtype(mx.float16)
+    nn.quantize(model, 64, 4)
+    mx.eval(model.parameters())
+    theirs = model.leaf_modules()
+    mqo.nn.patch(model)
+    return model, {"theirs": theirs, "ours": model.leaf_modules()}
+
+
+def decode_logits(model, layers, tokens):
+    """The logits of decoding ``tokens`` one at a time from an empty cache
+    on ``layers``."""
+    model.update_modules(layers)
+    cache = make_prompt_cache(model)
+    steps = [model(mx.array([[t]]), cache=cache) for t in tokens]
+    mx.eval(steps)
+    return steps
+
+
+def count_handed_over_checks(monkeypatch) -> list:
+    """The list each full check of a handed-over call
+    (``HandedOverReplay.replay``) appends to."""
+    checks = []
+    replay = _kernels.HandedOverReplay.replay
+
+    def counted(self, *args):
+        checks.append(1)
+        return replay(self, *args)
+
+    monkeypatch.setattr(_kernels.HandedOverReplay, "replay", counted)
+    return checks
+
+
+def test_patched_models_run_as_steps(monkeypatch):
+    """A patched model's forward is a step (simulated CUDA path: MLX's ops
+    on the CPU): its handed-over layer calls skip the per-call checks
+    (none reaches ``HandedOverReplay.replay`` once planned) and compute
+    what MLX's layers do, bit for bit. The step ends with the forward,
+    raised or returned; layers called on their own, a forced path and
+    cleared plans get every check again."""
+    from cuda_compile import recording
+
+    tokens = [5, 77, 300, 12, 5, 9]
+    with recording(forced=False) as launches:
+        model, layer_sets = llama_handed_over(monkeypatch)
+        expected = decode_logits(model, layer_sets["theirs"], tokens)
+        decode_logits(model, layer_sets["ours"], tokens[:1])  # plans each call
+        checks = count_handed_over_checks(monkeypatch)
+        visits = plan_visits(monkeypatch)
+        got = decode_logits(model, layer_sets["ours"], tokens)
+        assert all(mx.array_equal(a, b) for a, b in zip(got, expected))
+        assert checks == [] and visits == [] and launches == []
+        assert _kernels._step.get() == 0
+
+        # On its own, a layer checks everything: an integer input of the
+        # kept size is refused as the op refuses it.
+        layer = model.model.layers[0].self_attn.q_proj
+        mlx_layer = layer_sets["theirs"]["model"]["layers"][0]["self_attn"]["q_proj"]
+        x = mx.ones((1, 1, 256), mx.float16)
+        assert mx.array_equal(layer(x), mlx_layer(x))
+        assert len(checks) == 1
+        with pytest.raises(TypeError, match="quantized_matmul"):
+            layer(x.astype(mx.int32))
+
+        # Inside a step, a call on a weight put in behind the layer's back
+        # and a prefill's calls (more rows than kept) get every check too.
+        up_proj = model.model.layers[1].mlp.up_proj
+        dict.__setitem__(up_proj, "weight", mx.array(up_proj.weight))
+        checks.clear()
+        decode_logits(model, layer_sets["ours"], tokens[:2])
+        assert len(checks) == 1
+        checks.clear()
+        mx.eval(model(mx.array([tokens * 2])))
+        assert len(checks) == 15
+
+        # A forward that raises ends its step too.
+        with pytest.raises(ValueError, match="indices"):
+            model(mx.zeros((1, 1), mx.float32))  # float token ids
+        assert _kernels._step.get() == 0
+
+        # Cleared plans (the dispatch rules may have changed): each call
+        # plans again, once, then the steps skip the checks again.
+        clear_plans()
+        visits.clear()
+        decode_logits(model, layer_sets["ours"], tokens[:1])
+        planned = len(visits)
+        # 2 layers of 7 projections, and the tied head.
+        assert visits.count("_plan_quantized_matmul") == 15
+        decode_logits(model, layer_sets["ours"], tokens[:2])
+        assert len(visits) == planned
+
+        # A forced path reaches every call, which then runs our kernel.
+        checks.clear()
+        launches.clear()
+        with mqo.use_backend("cuda"):
+            decode_logits(model, layer_sets["ours"], tokens[:1])
+        assert len(checks) == 15
+        assert any(a.kernel.name.startswith("affine_qmv") for a in launches)
+
+
+@pytest.mark.gpu
+def test_steps_decode_as_mlx_layers_gpu(monkeypatch):
+    """On CUDA, a patched Llama whose every decode call and lookup goes to
+    MLX's built-ins decodes bit for bit as on MLX's layers, and once each
+    call has planned, its steps check none of them one by one."""
+    if mqo.backend(mx.default_stream(mx.gpu)) != "cuda":
+        pytest.skip("the hand-over is measured on CUDA only")
+    tokens = [5, 77, 300, 12, 5, 9]
+    with mx.stream(mx.gpu):
+        model, layer_sets = llama_handed_over(monkeypatch)
+        expected = decode_logits(model, layer_sets["theirs"], tokens)
+        decode_logits(model, layer_sets["ours"], tokens[:1])
+        checks = count_handed_over_checks(monkeypatch)
+        got = decode_logits(model, layer_sets["ours"], tokens)
+    assert checks == []
+    assert all(mx.array_equal(a, b) for a, b in zip(got, expected))
 
 
 @pytest.mark.parametrize("arch", MODELS)
