@@ -123,6 +123,14 @@ class _PlannedCalls:
         self._keep(replay, slot)
         return y
 
+    def __getstate__(self):
+        # The replays are a cache of compiled functions and closures, which
+        # pickle cannot carry: a pickled or copied layer plans again.
+        state = dict(self.__dict__)
+        for slot in self.REPLAY_SLOTS:
+            state.pop(slot, None)
+        return state
+
     def _forget_replays(self) -> None:
         for slot in self.REPLAY_SLOTS:
             object.__setattr__(self, slot, None)
@@ -539,6 +547,14 @@ def _stepped(cls: type) -> type:
             finally:
                 _step.reset(token)
 
+        def __reduce_ex__(self, protocol):
+            # Pickle finds a class by its name, which leads to the model's
+            # own class: an unpickled (or deep-copied) model is made as one
+            # of that class run as steps instead.
+            reduced = list(cls.__reduce_ex__(self, max(protocol, 2)))
+            reduced[:2] = _new_stepped, (cls,)
+            return tuple(reduced)
+
         # Named as the model's own class, so reprs, type names and
         # isinstance checks read as before.
         stepped = type(
@@ -546,6 +562,7 @@ def _stepped(cls: type) -> type:
             (cls,),
             {
                 "__call__": __call__,
+                "__reduce_ex__": __reduce_ex__,
                 "__module__": cls.__module__,
                 "__qualname__": cls.__qualname__,
                 "__doc__": cls.__doc__,
@@ -554,6 +571,13 @@ def _stepped(cls: type) -> type:
         )
         _STEP_CLASSES[cls] = stepped
     return stepped
+
+
+def _new_stepped(cls: type) -> nn.Module:
+    """A new, empty instance of ``cls`` run as steps (what pickle calls to
+    remake a patched model)."""
+    stepped = _stepped(cls)
+    return stepped.__new__(stepped)
 
 
 def patch(model: nn.Module) -> nn.Module:

@@ -1311,6 +1311,33 @@ def test_patched_model_compiles(arch, device):
     assert rel_err(compiled, f64(expected)) <= 1e-5
 
 
+def test_patched_model_pickles_and_copies():
+    """A patched model, used, survives pickle (every protocol that carries
+    MLX arrays) and ``copy.deepcopy`` as a patched model: same classes,
+    run as steps, the same outputs; its layers' replays (compiled
+    functions and closures) are left behind, to be planned again."""
+    import copy
+    import pickle
+
+    model = random_model("llama")
+    nn.quantize(model, 64, 4)
+    mqo.nn.patch(model)
+    prompt = ((mx.arange(12) * 13) % VOCAB)[None]
+    expected = model(prompt)
+    lookup = model.model.embed_tokens
+    assert lookup._replay is not None and lookup._lookup_replay is not None
+    copies = [
+        pickle.loads(pickle.dumps(model, protocol))
+        for protocol in range(2, pickle.HIGHEST_PROTOCOL + 1)
+    ] + [copy.deepcopy(model)]
+    for other in copies:
+        assert type(other) is type(model)
+        assert module_types(other) == module_types(model)
+        layer = other.model.embed_tokens
+        assert layer._replay is None and layer._lookup_replay is None
+        assert mx.array_equal(other(prompt), expected)
+
+
 def test_patch_model_loaded_from_disk(tmp_path):
     """The way users get a quantized model: mlx-lm quantizes with the model's
     own mixed-precision predicate (Qwen3-MoE keeps its router at 8 bits),
