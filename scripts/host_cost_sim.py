@@ -27,12 +27,15 @@ over a run (1.2x or more on a shared machine) does not move.
 Run from the repository root::
 
     python scripts/host_cost_sim.py [--tokens 200] [--layers 8] [--no-call-times]
-        [--model llama|qwen3_moe]
+        [--model llama|qwen3_moe] [--all-handed-over]
 
 The model is a small Llama (hidden 512, MLP 1792), or a small Qwen3-MoE,
 with the hand-over limit set so that attention projections go to MLX's
 built-in and the MLP (or the experts) and head to our kernels, as on the
-Llama-3-8B and Qwen3-30B-A3B shapes on a GPU. In-model costs
+Llama-3-8B and Qwen3-30B-A3B shapes on a GPU; with ``--all-handed-over``
+every decode call goes to MLX's built-in, as on the Llama-3.2-1B shape.
+A run takes about ten minutes on the development CPU (MLX's CPU kernels
+evaluate the steps). In-model costs
 run several times the cost of the same call repeated in a loop (caches
 are cold in a step that touches every layer once).
 """
@@ -121,6 +124,12 @@ def main(argv=None):
         help="a Llama, or a Qwen3-MoE whose every MLP is a mixture of experts",
     )
     parser.add_argument(
+        "--all-handed-over",
+        action="store_true",
+        help="every decode call and the head to MLX's op, as on the "
+        "Llama-3.2-1B shape (default: the MLP and head to our kernels)",
+    )
+    parser.add_argument(
         "--no-call-times",
         action="store_true",
         help="skip the per-call timers (they add their own cost to each call)",
@@ -129,7 +138,10 @@ def main(argv=None):
     from mlx_lm.models.cache import make_prompt_cache
 
     model, sets = model_and_layer_sets(args.model, MODELS[args.model](args.layers))
-    limit = {bits: HIDDEN * MLP for bits in affine.LAYER_BUILTIN_DECODE_BELOW}
+    limit = {
+        bits: 1 << 40 if args.all_handed_over else HIDDEN * MLP
+        for bits in affine.LAYER_BUILTIN_DECODE_BELOW
+    }
     saved_limit = affine.LAYER_BUILTIN_DECODE_BELOW
     totals, which = collections.defaultdict(float), ["builtin"]
     builds = {(key, place): [] for key in sets for place in ("first", "second")}
