@@ -19,7 +19,9 @@ through ``mx.compile``: which of the two costs the host less);
 nothing to the step's graph: two primitives fewer a Llama layer, the most
 a fused q|k|v kernel and a fused gate|up|SwiGLU kernel, each behind its
 custom function, could save a host-bound step; its tokens are wrong, its
-times are the bound).
+times are the bound); ``no-steps`` (the patched model keeps its own class,
+so its forward is not a step and every handed-over call checks
+everything, as before the thirty-second session).
 """
 
 import sys
@@ -81,6 +83,17 @@ def _fewer_nodes():
     mqo.nn.QuantizedLinear.__call__ = call_or_kept
 
 
+def _no_steps():
+    patch = mqo.nn.patch
+
+    def patch_without_steps(model):
+        patch(model)
+        object.__setattr__(model, "__class__", type(model).__bases__[0])
+        return model
+
+    mqo.nn.patch = patch_without_steps
+
+
 VARIANTS = {
     "current": lambda: None,
     "lower-limits": lambda: affine.LAYER_BUILTIN_DECODE_BELOW.update(
@@ -91,6 +104,7 @@ VARIANTS = {
     "mlx-all": lambda: (_mlx_linear_call(), _mlx_embedding_call()),
     "uncompiled-plans": _uncompiled_plans,
     "fewer-nodes": _fewer_nodes,
+    "no-steps": _no_steps,
 }
 
 if __name__ == "__main__":
