@@ -1114,6 +1114,20 @@ def check_patched_model_generates_same(arch, bits, group_size, stream):
     assert greedy(model, stream) == tokens
 
 
+def count_handed_over_checks(monkeypatch) -> list:
+    """The list each full check of a handed-over call
+    (``HandedOverReplay.replay``) appends to."""
+    checks = []
+    replay = _kernels.HandedOverReplay.replay
+
+    def counted(self, *args):
+        checks.append(1)
+        return replay(self, *args)
+
+    monkeypatch.setattr(_kernels.HandedOverReplay, "replay", counted)
+    return checks
+
+
 @pytest.mark.parametrize("arch", MODELS)
 def test_decode_steps_replay_on_the_cuda_path(monkeypatch, arch):
     """On the CUDA path (simulated without a GPU: our kernels recorded, not
@@ -1136,6 +1150,7 @@ def test_decode_steps_replay_on_the_cuda_path(monkeypatch, arch):
         affine, "LAYER_BUILTIN_LOOKUP_ROWS", MEASURED_BUILTIN_LOOKUP_ROWS
     )
     visits = plan_visits(monkeypatch)
+    checks = count_handed_over_checks(monkeypatch)
     with recording(forced=False) as launches:
         cache = make_prompt_cache(model)
         token = mx.argmax(model(((mx.arange(24) * 13) % VOCAB)[None], cache=cache))
@@ -1144,12 +1159,14 @@ def test_decode_steps_replay_on_the_cuda_path(monkeypatch, arch):
             if step == 1:
                 visits.clear()
                 launches.clear()
+                checks.clear()
             ops = graph_ops(logits)  # MLX's op and our kernel's custom function
             assert {"QuantizedMatmul", "CustomTransforms"} <= ops
             token = mx.argmax(logits[0, -1])
             mx.eval(token)
     assert visits == []
     assert launches == []  # our kernel calls replayed their compiled graphs
+    assert checks == []  # the handed-over calls ran in the model's steps
 
 
 def llama_handed_over(monkeypatch):
@@ -1177,20 +1194,6 @@ def decode_logits(model, layers, tokens):
     steps = [model(mx.array([[t]]), cache=cache) for t in tokens]
     mx.eval(steps)
     return steps
-
-
-def count_handed_over_checks(monkeypatch) -> list:
-    """The list each full check of a handed-over call
-    (``HandedOverReplay.replay``) appends to."""
-    checks = []
-    replay = _kernels.HandedOverReplay.replay
-
-    def counted(self, *args):
-        checks.append(1)
-        return replay(self, *args)
-
-    monkeypatch.setattr(_kernels.HandedOverReplay, "replay", counted)
-    return checks
 
 
 def test_patched_models_run_as_steps(monkeypatch):
