@@ -539,7 +539,8 @@ class HandedOverReplay(LayerReplay):
     model's decode step on a fast GPU is bound by the host, and nearly all
     of its layer calls are these.
 
-    Inside a step (a patched model's forward, see :func:`step_key`) the
+    Inside a step (a patched model's forward, see
+    :func:`mlx_quant_ops.affine.step_key`) the
     layer checks less, before this method: the step's key, the weight and
     the input's size. The step has checked the path, the forced path and
     the plan generation once for all its calls. The input's shape and
@@ -555,7 +556,7 @@ class HandedOverReplay(LayerReplay):
     def __init__(self, run, x, weight, scales, biases, group_size, bits):
         """As :class:`LayerReplay`'s, for a linear layer; also keeps the
         key of the steps that may run it with fewer checks (see
-        :func:`step_key`) and the input's size."""
+        :func:`mlx_quant_ops.affine.step_key`) and the input's size."""
         super().__init__(run, x, weight, scales, biases, group_size, bits)
         # Plus one: never the 0 that reads outside every step.
         self.step = _plan_generation + 1
@@ -587,20 +588,10 @@ class HandedOverReplay(LayerReplay):
 # A patched model's forward runs as one step (mlx_quant_ops.nn.patch): as it
 # starts, it works out what every handed-over layer call inside it would
 # otherwise check for itself (the path of the default stream, no forced
-# path, the plan generation), and publishes the answer here, for the calls
-# to compare with their replay's key in one comparison.
+# path, the plan generation), and publishes the answer here as a key
+# (mlx_quant_ops.affine.step_key), for the calls to compare with their
+# replay's key in one comparison.
 _step: contextvars.ContextVar = contextvars.ContextVar("mqo_step", default=0)
-
-
-def step_key() -> int:
-    """The key a step starting now publishes in ``_step``: the plan
-    generation plus one on the CUDA path with no path forced, which the
-    :class:`HandedOverReplay` records made since the plans were last
-    cleared hold; else 0, which none holds (nor does any call outside a
-    step)."""
-    if override() is None and backend(None) == "cuda":
-        return _plan_generation + 1
-    return 0
 
 
 def _switches() -> tuple:

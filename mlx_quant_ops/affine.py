@@ -34,7 +34,7 @@ from typing import Optional, Tuple
 import mlx.core as mx
 import numpy as np
 
-from . import _backend
+from . import _backend, _kernels
 from . import _validate as check
 from ._backend import StreamKey, StreamLike, backend, dispatch, override
 from ._kernels import (
@@ -1425,6 +1425,25 @@ def quantized_matmul(
 _QUANTIZED_MATMUL_CALLS = CallPlans()
 
 
+def _hands_over_here() -> bool:
+    """What the hand-overs to MLX's built-ins (:func:`layer_decode_on_builtin`,
+    :func:`layer_lookup_on_builtin`) ask of the default stream rather than
+    of the call: the CUDA path, with no path forced by :func:`use_backend`.
+    A patched model's step (:func:`step_key`) checks it once for all the
+    handed-over calls inside it."""
+    return override() is None and backend(None) == "cuda"
+
+
+def step_key() -> int:
+    """The key a step (a patched model's forward, ``mlx_quant_ops.nn.patch``)
+    publishes as it starts: the plan generation plus one where
+    :func:`_hands_over_here` holds, which the
+    :class:`~mlx_quant_ops._kernels.HandedOverReplay` records made since
+    the plans were last cleared hold; else 0, which none holds (nor does
+    any call outside a step)."""
+    return _kernels._plan_generation + 1 if _hands_over_here() else 0
+
+
 # Decode calls of mlx_quant_ops.nn's linear layers that MLX's built-in
 # finishes first on CUDA: at most this many rows of x, and a weight of
 # fewer values than LAYER_BUILTIN_DECODE_BELOW gives for its width (none
@@ -1476,8 +1495,7 @@ def layer_decode_on_builtin(x: mx.array, w: mx.array, bits: int) -> bool:
         bool: True where MLX's built-in takes the call.
     """
     return (
-        override() is None
-        and backend(None) == "cuda"
+        _hands_over_here()
         and x.size <= LAYER_BUILTIN_DECODE_ROWS * x.shape[-1]
         and w.size * WORD_BITS // bits < LAYER_BUILTIN_DECODE_BELOW.get(bits, 0)
     )
@@ -1541,11 +1559,7 @@ def layer_lookup_on_builtin(indices: mx.array) -> bool:
     Returns:
         bool: True where MLX's built-in dequantizes the rows.
     """
-    return (
-        override() is None
-        and backend(None) == "cuda"
-        and indices.size <= LAYER_BUILTIN_LOOKUP_ROWS
-    )
+    return _hands_over_here() and indices.size <= LAYER_BUILTIN_LOOKUP_ROWS
 
 
 def _layer_lookup(

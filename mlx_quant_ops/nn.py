@@ -32,7 +32,7 @@ from mlx.utils import tree_map_with_path
 
 from . import _validate as check
 from . import affine
-from ._kernels import HandedOverReplay, LayerReplay, _step, step_key
+from ._kernels import HandedOverReplay, LayerReplay, _step
 
 try:
     from mlx_lm.models.switch_layers import (
@@ -531,7 +531,7 @@ _STEP_CLASSES: dict = {}
 def _stepped(cls: type) -> type:
     """``cls`` extended so that each call of an instance runs as one step
     (see :func:`patch`): the call publishes
-    :func:`~mlx_quant_ops._kernels.step_key` for the layer calls inside it,
+    :func:`~mlx_quant_ops.affine.step_key` for the layer calls inside it,
     and takes it back when it returns or raises (nested steps restore the
     outer one's key)."""
     if cls.__dict__.get("_runs_as_steps", False):
@@ -541,7 +541,7 @@ def _stepped(cls: type) -> type:
         forward = cls.__call__
 
         def __call__(self, *args, **kwargs):
-            token = _step.set(step_key())
+            token = _step.set(affine.step_key())
             try:
                 return forward(self, *args, **kwargs)
             finally:
