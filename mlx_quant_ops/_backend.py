@@ -211,6 +211,11 @@ def kernel_stream(stream: StreamLike) -> mx.Stream:
     return mx.default_stream(mx.gpu)
 
 
+def has_empty(args) -> bool:
+    """Whether any ``mx.array`` among ``args`` has no elements."""
+    return any(isinstance(a, mx.array) and a.size == 0 for a in args)
+
+
 def dispatch(
     reference: Callable[..., object],
     kernel: Callable[..., object],
@@ -223,9 +228,12 @@ def dispatch(
     The reference runs on ``stream`` (as the default stream inside it); the
     kernel path receives ``stream=`` set to the GPU stream to launch on.
     Validation happens before this call, once, so every path sees the same
-    checked arguments.
+    checked arguments. A call with an empty array argument runs the
+    reference, which gives the empty result with plain ``mx`` ops: a
+    kernel's grid would be empty along an axis, which a GPU refuses to
+    launch.
     """
-    if backend(stream) == "reference":
+    if backend(stream) == "reference" or has_empty(args):
         scope = mx.stream(stream) if stream is not None else contextlib.nullcontext()
         with scope:
             return reference(*args, **kwargs)

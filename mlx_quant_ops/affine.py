@@ -28,6 +28,7 @@ and ``biases`` follow the same path as the forward pass.
 
 import dataclasses
 import functools
+import math
 import os
 from typing import Optional, Tuple
 
@@ -422,7 +423,9 @@ def _indices_in_shape(indices, batch_shape: tuple, shape: tuple) -> mx.array:
 
 
 def _batch_size(a: mx.array) -> int:
-    return a.size // (a.shape[-1] * a.shape[-2])
+    """How many matrices ``a`` holds over its last two axes (an empty
+    matrix counts: its batch is not empty)."""
+    return math.prod(a.shape[:-2])
 
 
 def _gather_valid(lhs, rhs, x, w):
@@ -445,40 +448,44 @@ def _nan_where_invalid(out, valid):
 
 def _unpack(w: mx.array, bits: int) -> mx.array:
     """uint32 words ``[..., P]`` -> uint32 codes ``[..., P * 32 / bits]``."""
+    # Sizes are spelled out in these reshapes (here and below), since MLX
+    # cannot infer an axis (-1) of an empty array.
+    lead, k = w.shape[:-1], w.shape[-1] * WORD_BITS // bits
     mask = (1 << bits) - 1
     if WORD_BITS % bits == 0:
         shifts = mx.arange(0, WORD_BITS, bits, dtype=mx.uint32)
         codes = (w[..., None] >> shifts) & mask
-        return codes.reshape(*w.shape[:-1], -1)
+        return codes.reshape(*lead, k)
     per_pack, pack_bytes = _PACKS[bits]
     wide = mx.uint64 if pack_bytes * 8 > WORD_BITS else mx.uint32
-    raw = mx.contiguous(w).view(mx.uint8).reshape(*w.shape[:-1], -1, pack_bytes)
+    raw = mx.contiguous(w).view(mx.uint8).reshape(*lead, k // per_pack, pack_bytes)
     raw = raw.astype(wide)
     packs = raw[..., 0]
     for i in range(1, pack_bytes):
         packs = packs | (raw[..., i] << (8 * i))
     shifts = mx.arange(0, per_pack * bits, bits).astype(wide)
     codes = ((packs[..., None] >> shifts) & mask).astype(mx.uint32)
-    return codes.reshape(*w.shape[:-1], -1)
+    return codes.reshape(*lead, k)
 
 
 def _pack(codes: mx.array, bits: int) -> mx.array:
     """uint32 codes ``[..., K]`` -> uint32 words ``[..., K * bits / 32]``,
     the inverse of :func:`_unpack`."""
-    lead = codes.shape[:-1]
+    lead, k = codes.shape[:-1], codes.shape[-1]
     if WORD_BITS % bits == 0:
+        per_word = WORD_BITS // bits
         shifts = mx.arange(0, WORD_BITS, bits, dtype=mx.uint32)
-        fields = codes.reshape(*lead, -1, WORD_BITS // bits) << shifts
+        fields = codes.reshape(*lead, k // per_word, per_word) << shifts
         # The fields are disjoint, so their sum is their bitwise or.
         return fields.sum(-1).astype(mx.uint32)
     per_pack, pack_bytes = _PACKS[bits]
     wide = mx.uint64 if pack_bytes * 8 > WORD_BITS else mx.uint32
     shifts = mx.arange(0, per_pack * bits, bits).astype(wide)
-    fields = codes.reshape(*lead, -1, per_pack).astype(wide) << shifts
+    fields = codes.reshape(*lead, k // per_pack, per_pack).astype(wide) << shifts
     packs = fields.sum(-1).astype(wide)
     byte_shifts = mx.arange(0, 8 * pack_bytes, 8).astype(wide)
     raw = ((packs[..., None] >> byte_shifts) & 0xFF).astype(mx.uint8)
-    return raw.reshape(*lead, -1).view(mx.uint32)
+    return raw.reshape(*lead, k // per_pack * pack_bytes).view(mx.uint32)
 
 
 # ---- quantize ----------------------------------------------------------------
@@ -498,9 +505,12 @@ def _on_cpu_stream() -> bool:
     return mx.default_device() == mx.cpu
 
 
-def _cpu_builtin() -> bool:
-    """Whether the reference path, now running, may use MLX's CPU kernels."""
-    return _CPU_BUILTIN and _on_cpu_stream()
+def _cpu_builtin(*arrays: mx.array) -> bool:
+    """Whether the reference path, now running on ``arrays``, may use MLX's
+    CPU kernels: not on empty arrays, where some of them stop the process
+    with a floating-point exception (MLX 0.32.4: ``mx.quantized_matmul``
+    with no rows or no columns, ``mx.gather_qmm`` with no rows)."""
+    return _CPU_BUILTIN and _on_cpu_stream() and not _backend.has_empty(arrays)
 
 
 # MLX runs each CPU stream on its own thread, and a quantized product (MLX's
@@ -557,7 +567,9 @@ def _weight_rows(start: int, stop: int, *arrays):
 
 def _quantize_reference(w, group_size, bits):
     n_bins = float((1 << bits) - 1)
-    groups = w.astype(mx.float32).reshape(*w.shape[:-1], -1, group_size)
+    groups = w.astype(mx.float32).reshape(
+        *w.shape[:-1], w.shape[-1] // group_size, group_size
+    )
     w_max = groups.max(axis=-1, keepdims=True)
     w_min = groups.min(axis=-1, keepdims=True)
     # Two bits and more: the scale points from the edge of larger magnitude
@@ -663,7 +675,7 @@ def _quantize_cpu(w, group_size, bits):
     itself, which the reference matches bit for bit, in one fused pass (2-core
     Linux host, 4096x4096: 59-130 ms against the reference's 200-315), rows
     split over the cores when there are many."""
-    builtin = _cpu_builtin()
+    builtin = _cpu_builtin(w)
 
     def rows(start, stop):
         (part,) = _weight_rows(start, stop, w)
@@ -682,7 +694,7 @@ def _dequantize_reference(w, scales, biases, group_size, bits, dtype):
     # scales' dtype, plus the bias; then the cast to the requested dtype.
     codes = _unpack(w, bits).reshape(*scales.shape, group_size)
     values = codes.astype(scales.dtype) * scales[..., None] + biases[..., None]
-    return values.reshape(*w.shape[:-1], -1).astype(dtype)
+    return values.reshape(*w.shape[:-1], scales.shape[-1] * group_size).astype(dtype)
 
 
 def _dequantize_cpu(w, scales, biases, group_size, bits, dtype):
@@ -822,7 +834,7 @@ def _dense_weight(w, scales, biases, group_size, bits):
     codes = _unpack(w, bits).reshape(*scales.shape, group_size)
     values = codes.astype(mx.float32) * scales.astype(mx.float32)[..., None]
     values = values + biases.astype(mx.float32)[..., None]
-    return values.reshape(*w.shape[:-1], -1)
+    return values.reshape(*w.shape[:-1], scales.shape[-1] * group_size)
 
 
 def _reduce_to(g: mx.array, shape) -> mx.array:
@@ -882,8 +894,8 @@ def _quantized_matmul_cpu(x, w, scales, biases, transpose, group_size, bits):
     """The reference path's product: on a CPU stream MLX's float32 CPU
     kernel for a few rows of x times one weight, else the reference; split
     by output columns over the cores when it is large."""
-    rows = x.size // x.shape[-1]
-    builtin = w.ndim == 2 and rows <= _CPU_BUILTIN_MAX_ROWS and _cpu_builtin()
+    rows = math.prod(x.shape[:-1])
+    builtin = w.ndim == 2 and rows <= _CPU_BUILTIN_MAX_ROWS and _cpu_builtin(x, w)
 
     def product(w, scales, biases):
         if builtin:
@@ -1411,8 +1423,10 @@ def quantized_matmul(
 
     Returns:
         mlx.core.array: ``[..., M, N]``, leading dimensions of ``x`` and
-        ``w`` broadcast together; dtype the promotion of ``x``'s, the
-        scales' and the biases' dtypes.
+        ``w`` broadcast together as ``mx.matmul`` broadcasts them (where
+        MLX 0.32.4's op multiplies a 2-D ``x`` by the first of a batch of
+        weights only); dtype the promotion of ``x``'s, the scales' and the
+        biases' dtypes. Empty where ``x`` or ``w`` is.
     """
     return _QUANTIZED_MATMUL_CALLS(
         _plan_quantized_matmul,
@@ -1494,10 +1508,12 @@ def layer_decode_on_builtin(x: mx.array, w: mx.array, bits: int) -> bool:
     Returns:
         bool: True where MLX's built-in takes the call.
     """
+    # Never an empty x or w: MLX's op may stop the process on one (see
+    # _cpu_builtin), where the planned call gives the empty result.
     return (
         _hands_over_here()
-        and x.size <= LAYER_BUILTIN_DECODE_ROWS * x.shape[-1]
-        and w.size * WORD_BITS // bits < LAYER_BUILTIN_DECODE_BELOW.get(bits, 0)
+        and 0 < x.size <= LAYER_BUILTIN_DECODE_ROWS * x.shape[-1]
+        and 0 < w.size * WORD_BITS // bits < LAYER_BUILTIN_DECODE_BELOW.get(bits, 0)
     )
 
 
@@ -1559,7 +1575,9 @@ def layer_lookup_on_builtin(indices: mx.array) -> bool:
     Returns:
         bool: True where MLX's built-in dequantizes the rows.
     """
-    return _hands_over_here() and indices.size <= LAYER_BUILTIN_LOOKUP_ROWS
+    # Never no indices: mx.dequantize refuses empty rows (MLX 0.32.4),
+    # where the planned lookup gives the empty result.
+    return _hands_over_here() and 0 < indices.size <= LAYER_BUILTIN_LOOKUP_ROWS
 
 
 def _layer_lookup(
@@ -1636,7 +1654,7 @@ def _experts_at(rhs_indices, *arrays):
     """Each array's matrices (over its last two axes) at ``rhs_indices``,
     flattened: the experts of every product in turn."""
     flat = rhs_indices.reshape(-1)
-    return [a.reshape(-1, *a.shape[-2:])[flat] for a in arrays]
+    return [a.reshape(_batch_size(a), *a.shape[-2:])[flat] for a in arrays]
 
 
 def _gather_qmm_reference(
@@ -1652,7 +1670,7 @@ def _gather_qmm_reference(
         dense = dense.reshape(*rhs_indices.shape, *dense.shape[-2:])
         if transpose:
             dense = dense.swapaxes(-1, -2)
-        x_sel = x32.reshape(-1, *x.shape[-2:])[lhs_indices]
+        x_sel = x32.reshape(_batch_size(x), *x.shape[-2:])[lhs_indices]
         out = x_sel @ dense
     else:
         dense = _dense_weight(w, scales, biases, group_size, bits)
@@ -1672,7 +1690,7 @@ def _gather_qmm_cpu(
     of 768x2048, top-8, 2-core Linux host, 1 token 8.3 ms against 39,
     8 tokens 68 against 486, 64 tokens 531 against 1716."""
     few = x.shape[-2] <= _CPU_BUILTIN_MAX_ROWS
-    if not (few and _cpu_builtin()):
+    if not (few and _cpu_builtin(x, w, rhs_indices)):
         return _gather_qmm_reference(
             x, w, scales, biases, lhs_indices, rhs_indices, transpose, group_size, bits
         )
@@ -1886,12 +1904,13 @@ def _differentiable_gather_qmm(transpose, group_size, bits, sorted_indices, stre
             stream,
         )
         flat_lhs = lhs.reshape(-1)
-        d_x = mx.zeros((x.size // (m * k), m, k), dtype=mx.float32)
-        d_x = d_x.at[flat_lhs].add(d_sel.reshape(-1, m, k).astype(mx.float32))
+        products = flat_lhs.size
+        d_x = mx.zeros((_batch_size(x), m, k), dtype=mx.float32)
+        d_x = d_x.at[flat_lhs].add(d_sel.reshape(products, m, k).astype(mx.float32))
         d_x = d_x.reshape(x.shape).astype(x.dtype)
         # d W[rhs[i]] += the dense gradient of product i
-        x_sel = x.astype(mx.float32).reshape(-1, m, k)[flat_lhs]
-        cot32 = cot.astype(mx.float32).reshape(-1, *cot.shape[-2:])
+        x_sel = x.astype(mx.float32).reshape(_batch_size(x), m, k)[flat_lhs]
+        cot32 = cot.astype(mx.float32).reshape(products, *cot.shape[-2:])
         if transpose:
             d_each = cot32.swapaxes(-1, -2) @ x_sel
         else:
@@ -1899,7 +1918,7 @@ def _differentiable_gather_qmm(transpose, group_size, bits, sorted_indices, stre
         experts = _batch_size(w)
         d_dense = mx.zeros((experts, *d_each.shape[-2:]), dtype=mx.float32)
         d_dense = d_dense.at[rhs.reshape(-1)].add(d_each)
-        d_dense = d_dense.reshape(*w.shape[:-1], -1)
+        d_dense = d_dense.reshape(*w.shape[:-1], d_each.shape[-1])
         d_scales, d_biases = _scale_bias_grads(
             d_dense, w, scales, biases, group_size, bits
         )

@@ -645,6 +645,133 @@ def test_gather_qmm_without_indices_is_quantized_matmul(path):
     assert rel_error(_np(out), _np(expected)) <= 1e-6
 
 
+# ---- empty inputs ----------------------------------------------------------------
+# No rows, no columns, no products: empty results of the shape and dtype the
+# float64 product has, on every path. MLX's own CPU kernels stop the process
+# (SIGFPE) on several of these (MLX 0.32.4), so they are never the oracle
+# here, and a test that reached one would not fail but die; the bit-identical
+# quantize is the exception (mx.quantize takes empty input).
+
+
+def _empty_product(x_shape, w_shape, transpose):
+    """The float64 product's shape for these shapes (numpy broadcasts the
+    batch axes as the op does)."""
+    dense = np.zeros(w_shape[:-1] + (w_shape[-1] * 8,))  # 4 bits: 8 a word
+    return np.matmul(
+        np.zeros(x_shape), np.swapaxes(dense, -1, -2) if transpose else dense
+    ).shape
+
+
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize(
+    "x_shape, w_rows, transpose",
+    [
+        ((0, 128), 20, True),  # no rows
+        ((2, 0, 128), 20, True),
+        ((0, 3, 128), 20, True),  # an empty batch
+        ((0, 128), 128, False),
+        ((3, 128), 0, True),  # no columns (a weight of no rows)
+        ((1, 2, 128), 0, True),
+    ],
+)
+def test_quantized_matmul_of_empty_arrays(path, dtype, x_shape, w_rows, transpose):
+    group_size, bits = 64, 4
+    w_q, scales, biases = mqo.quantize(
+        mx.zeros((w_rows, 128), dtype), group_size=group_size, bits=bits
+    )
+    x = mx.zeros(x_shape, dtype)
+    out = mqo.quantized_matmul(x, w_q, scales, biases, transpose, group_size, bits)
+    mx.eval(out)
+    assert out.shape == _empty_product(x_shape, w_q.shape, transpose)
+    assert out.dtype == dtype
+    # Its gradients are empty or zero, shaped as their arrays.
+    loss = lambda x, s, b: mqo.quantized_matmul(x, w_q, s, b, transpose).sum()
+    grads = mx.grad(loss, argnums=(0, 1, 2))(x, scales, biases)
+    for grad, array in zip(grads, (x, scales, biases)):
+        assert grad.shape == array.shape and grad.dtype == array.dtype
+        assert not mx.any(grad).item()
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_quantize_and_dequantize_of_no_rows(path, bits):
+    for shape in ((0, 128), (2, 0, 128)):
+        w = mx.zeros(shape, mx.float16)
+        ours = mqo.quantize(w, group_size=32, bits=bits)
+        for name, a, b in zip(
+            ("codes", "scales", "biases"), ours, mx.quantize(w, 32, bits, stream=CPU)
+        ):
+            assert_identical(a, b, f"{name} of {shape}")
+        values = mqo.dequantize(*ours, group_size=32, bits=bits)
+        mx.eval(values)
+        assert values.shape == shape and values.dtype == mx.float16
+
+
+@pytest.mark.parametrize(
+    "x_shape, lhs, rhs, sorted_indices",
+    [
+        ((0, 128), None, [1, 3], False),  # no rows
+        ((1, 128), None, [], False),  # no products
+        ((1, 128), None, [], True),
+        ((2, 1, 128), [], [], False),
+        ((2, 0, 128), [[0], [1]], [[2], [0]], False),
+    ],
+    ids=("no-rows", "no-products", "no-products-sorted", "both-empty", "no-rows-lhs"),
+)
+def test_gather_qmm_of_empty_arrays(path, x_shape, lhs, rhs, sorted_indices):
+    w_q, scales, biases = _weights((4, 20, 128), mx.float16, 64, 4)
+    x = mx.zeros(x_shape, mx.float16)
+    index = lambda v: None if v is None else mx.array(np.array(v, np.uint32))
+    lhs, rhs = index(lhs), index(rhs)
+    out = mqo.gather_qmm(
+        x,
+        w_q,
+        scales,
+        biases,
+        lhs_indices=lhs,
+        rhs_indices=rhs,
+        sorted_indices=sorted_indices,
+    )
+    mx.eval(out)
+    batch = np.broadcast_shapes(x_shape[:-2] if lhs is None else lhs.shape, rhs.shape)
+    assert out.shape == (*batch, x_shape[-2], 20) and out.dtype == mx.float16
+    loss = lambda x, s: mqo.gather_qmm(
+        x, w_q, s, biases, lhs_indices=lhs, rhs_indices=rhs
+    ).sum()
+    d_x, d_scales = mx.grad(loss, argnums=(0, 1))(x, scales)
+    assert d_x.shape == x.shape and d_scales.shape == scales.shape
+    assert not mx.any(d_scales).item()
+
+
+def test_empty_arrays_launch_no_kernel(monkeypatch):
+    """On the CUDA path (kernels recorded, not run) an empty call launches
+    nothing: its grid would be empty along an axis, which the GPU refuses."""
+    from cuda_compile import recording
+
+    w_q, scales, biases = _weights((4, 20, 128), mx.float16, 64, 4)
+    with recording() as launches:
+        mx.eval(
+            mqo.quantized_matmul(
+                mx.zeros((0, 128), mx.float16), w_q[0], scales[0], biases[0]
+            ),
+            mqo.gather_qmm(
+                mx.zeros((1, 128), mx.float16),
+                w_q,
+                scales,
+                biases,
+                rhs_indices=mx.zeros((0,), mx.uint32),
+            ),
+            mqo.dequantize(w_q[:, :0], scales[:, :0], biases[:, :0]),
+            *mqo.quantize(mx.zeros((0, 128))),
+        )
+        assert launches == []
+        mx.eval(
+            mqo.quantized_matmul(
+                mx.zeros((1, 128), mx.float16), w_q[0], scales[0], biases[0]
+            )
+        )
+        assert launches  # the recorder sees a launch that is not empty
+
+
 # ---- gradients -----------------------------------------------------------------
 
 

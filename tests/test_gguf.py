@@ -142,6 +142,25 @@ def test_leading_shapes(name, shape, path):
     )
 
 
+@pytest.mark.parametrize("shape", [(0, 2), (2, 0, 1)], ids=("0x2", "2x0x1"))
+@pytest.mark.parametrize("name", FORMAT_NAMES)
+def test_no_rows(name, shape, path):
+    """Empty inputs give empty blocks and values (MLX's argmax, which the
+    reference quantizers use, refuses every empty array)."""
+    fmt = mqo.gguf.FORMATS[name]
+    *lead, n_blocks = shape
+    x = mx.zeros((*lead, n_blocks * fmt.block_elems), mx.float16)
+    blocks = mqo.gguf.quantize(x, name)
+    expected = gguf_ref.quants.quantize(np.zeros(x.shape, np.float32), _qtype(name))
+    assert_bit_identical(blocks, expected, "quantize")
+    for values in (
+        mqo.gguf.dequantize(blocks, name, mx.float16),
+        mqo.gguf.qdq(x, name),
+    ):
+        mx.eval(values)
+        assert values.shape == x.shape and values.dtype == mx.float16
+
+
 def test_type_names_are_case_insensitive():
     x = mx.array(sample("normal", 2, 64, 32))
     for name in FORMAT_NAMES:

@@ -6,6 +6,7 @@ state, gradients), a float64 numpy product of the weight as ``mx.dequantize``
 reads it, and the greedy tokens an unpatched mlx-lm model generates.
 """
 
+import contextlib
 import io
 import os
 import re
@@ -259,6 +260,54 @@ def test_quantized_switch_linear_matches_mlx_lm(dtype, bits, group_size):
     assert_close_to_mlx(ys, theirs(xs, flat[order], sorted_indices=True), exact, dtype)
 
 
+@pytest.mark.parametrize("device", ("cpu", "simulated-cuda"))
+def test_layers_on_empty_inputs(monkeypatch, device):
+    """An empty input (no tokens) gives an empty output of the right shape
+    and dtype through every layer: on the CPU, and on the CUDA path
+    simulated (MLX's ops run on the CPU) with its hand-overs to MLX's ops,
+    which must not take an empty call: MLX's CPU op stops the process on
+    one (0.32.4), and its lookup refuses it."""
+    from cuda_compile import recording
+
+    monkeypatch.setattr(
+        affine, "LAYER_BUILTIN_DECODE_BELOW", MEASURED_BUILTIN_DECODE_BELOW
+    )
+    monkeypatch.setattr(
+        affine, "LAYER_BUILTIN_LOOKUP_ROWS", MEASURED_BUILTIN_LOOKUP_ROWS
+    )
+    mx.random.seed(5)
+    dtype = mx.float16
+    linear_layer = mqo.nn.QuantizedLinear.from_linear(linear(256, 40, dtype), 64, 4)
+    embedding = mqo.nn.QuantizedEmbedding.from_embedding(nn.Embedding(100, 256), 64, 4)
+    switch = SwitchLinear(256, 40, 6, bias=False)
+    switch.set_dtype(dtype)
+    switch = mqo.nn.QuantizedSwitchLinear.from_switch_linear(switch, 64, 4)
+    scope = (
+        recording(forced=False)
+        if device == "simulated-cuda"
+        else contextlib.nullcontext([])
+    )
+    with scope as launches:
+        for _ in range(2):  # planned, then replayed
+            y = linear_layer(mx.zeros((1, 0, 256), dtype))
+            rows = embedding(mx.zeros((1, 0), mx.int32))
+            head = embedding.as_linear(mx.zeros((0, 256), dtype))
+            experts = switch(
+                mx.zeros((0, 1, 1, 256), dtype), mx.zeros((0, 2), mx.uint32)
+            )
+            mx.eval(y, rows, head, experts)
+            assert y.shape == (1, 0, 40) and y.dtype == dtype
+            assert rows.shape == (1, 0, 256) and rows.dtype == embedding.scales.dtype
+            assert head.shape == (0, 100)
+            assert experts.shape == (0, 2, 1, 40) and experts.dtype == dtype
+        assert launches == []  # nothing empty reaches a kernel
+        # Calls that are not empty are handed over as before.
+        linear_layer(mx.zeros((1, 1, 256), dtype))
+        embedding(mx.zeros((1, 1), mx.int32))
+        handed_over = type(linear_layer._replay) is _kernels.HandedOverReplay
+        assert handed_over == (device == "simulated-cuda")
+
+
 def test_forwards_run_our_ops(monkeypatch):
     """Each forward is planned by mlx_quant_ops' op (its checks and kernel
     choice), not by an mx built-in."""
@@ -411,6 +460,9 @@ def test_builtin_decode_rule(monkeypatch):
     assert not rule(nine, below, 4)
     assert not rule(one, at, 4)  # 4096 x 4096 values is 2**24
     assert not rule(one, mx.zeros((4095, 1024), mx.uint32), 8)  # no 8-bit entry
+    # Never an empty x or weight, on which MLX's op may stop the process.
+    assert not rule(mx.zeros((0, 4096), mx.float16), below, 4)
+    assert not rule(one, mx.zeros((0, 512), mx.uint32), 4)
     with mqo.use_backend("reference"):
         assert not rule(one, below, 4)
 
@@ -424,6 +476,7 @@ def test_builtin_lookup_rule(monkeypatch):
     rule = affine.layer_lookup_on_builtin
     assert rule(mx.array([3])) and rule(mx.zeros((2, 4), mx.int32))
     assert not rule(mx.zeros((1, 9), mx.int32))
+    assert not rule(mx.zeros((1, 0), mx.int32))  # mx.dequantize refuses no rows
     with mqo.use_backend("reference"):
         assert not rule(mx.array([3]))
     monkeypatch.setattr(affine, "backend", lambda stream: "reference")
