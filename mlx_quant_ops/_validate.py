@@ -12,6 +12,7 @@ path the op then takes, so messages are identical on every path.
 """
 
 import itertools
+import numbers
 from typing import Iterable, Optional, Sequence
 
 import mlx.core as mx
@@ -72,9 +73,17 @@ def last_axis_multiple(op: str, arg: str, x: mx.array, multiple: int, why: str):
         )
 
 
-def choice(op: str, arg: str, value, allowed: Sequence) -> None:
+def choice(op: str, arg: str, value, allowed: Sequence[int]) -> int:
+    """An integer option that must be one of ``allowed``, as a plain
+    ``int``. NumPy's integers pass, as MLX's ops take them; any other type,
+    a float such as ``4.0`` included, is a ``TypeError`` (MLX's too); a
+    bool is a ``ValueError`` (MLX reads ``True`` as 1, never allowed)."""
+    expected = "one of " + _one_of([str(a) for a in allowed])
+    if not isinstance(value, numbers.Integral):
+        fail(op, arg, expected, repr(value), TypeError)
     if isinstance(value, bool) or value not in allowed:
-        fail(op, arg, "one of " + _one_of([str(a) for a in allowed]), repr(value))
+        fail(op, arg, expected, repr(value))
+    return int(value)
 
 
 def float_dtype(op: str, arg: str, value) -> mx.Dtype:

@@ -325,9 +325,8 @@ def _format(op: str, group_size, bits, mode, global_scale=None) -> Tuple[int, in
         )
     group_size = DEFAULT_GROUP_SIZE if group_size is None else group_size
     bits = DEFAULT_BITS if bits is None else bits
-    check.choice(op, "group_size", group_size, AFFINE_GROUP_SIZES)
-    check.choice(op, "bits", bits, AFFINE_BITS)
-    return group_size, bits
+    group_size = check.choice(op, "group_size", group_size, AFFINE_GROUP_SIZES)
+    return group_size, check.choice(op, "bits", bits, AFFINE_BITS)
 
 
 def _check_packed(op: str, w, scales, biases, group_size: int, bits: int) -> int:

@@ -944,6 +944,14 @@ def test_errors_quantize():
     msg = _raises(ValueError, "quantize", "bits", lambda: mqo.quantize(w, 64, 7))
     assert "got 7" in msg
     _raises(ValueError, "quantize", "bits", lambda: mqo.quantize(w, 64, True))
+    msg = _raises(TypeError, "quantize", "bits", lambda: mqo.quantize(w, 64, 4.0))
+    assert "got 4.0" in msg
+    _raises(TypeError, "quantize", "group_size", lambda: mqo.quantize(w, "64"))
+    # NumPy's integers are integers, as for MLX's ops.
+    for ours, theirs in zip(
+        mqo.quantize(w + 1, np.int64(32), np.int32(3)), mx.quantize(w + 1, 32, 3)
+    ):
+        assert mx.array_equal(ours, theirs)
     _raises(ValueError, "quantize", "group_size", lambda: mqo.quantize(w, 16, 4))
     msg = _raises(ValueError, "quantize", "mode", lambda: mqo.quantize(w, mode="mxfp4"))
     assert "'mxfp4'" in msg
@@ -986,6 +994,7 @@ def test_errors_quantized_matmul():
     _raises(ValueError, op, "x", lambda: qmm(x, w_q, s, b, transpose=False))
     _raises(TypeError, op, "transpose", lambda: qmm(x, w_q, s, b, transpose=1))
     _raises(ValueError, op, "bits", lambda: qmm(x, w_q, s, b, bits=7))
+    _raises(TypeError, op, "bits", lambda: qmm(x, w_q, s, b, bits=4.0))
     _raises(ValueError, op, "scales", lambda: qmm(x, w_q, s, b, group_size=32))
     _raises(ValueError, op, "mode", lambda: qmm(x, w_q, s, b, mode="mxfp8"))
     w3, s3, b3 = _packed((3, 8, 64))
