@@ -1367,6 +1367,96 @@ def test_patched_model_compiles(arch, device):
     assert rel_err(compiled, f64(expected)) <= 1e-5
 
 
+# Small configs of other mlx-lm architectures, each with a layer pattern of
+# its own: attention biases (qwen2), a tied head under logit soft-capping
+# (gemma2), fused q|k|v and gate|up projections (phi3), plain MoE (mixtral),
+# MoE with expert biases and its own activation (gpt_oss), MLA attention and
+# shared experts (deepseek_v3, whose QuantizedMultiLinear is mlx-lm's own
+# and stays), biases and a non-gated MLP (starcoder2).
+SMALL = dict(
+    hidden_size=64,
+    num_hidden_layers=2,
+    intermediate_size=128,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    rms_norm_eps=1e-5,
+    vocab_size=256,
+)
+MOE = dict(num_local_experts=4, num_experts_per_tok=2)
+OTHER_ARCHITECTURES = {
+    "qwen2": SMALL,
+    "gemma2": dict(SMALL, head_dim=16, query_pre_attn_scalar=16.0),
+    "phi3": SMALL,
+    "mixtral": dict(SMALL, **MOE),
+    "gpt_oss": dict(SMALL, **MOE, head_dim=16, sliding_window=64),
+    "deepseek_v3": dict(
+        SMALL,
+        moe_intermediate_size=64,
+        n_routed_experts=4,
+        n_shared_experts=1,
+        num_experts_per_tok=2,
+        kv_lora_rank=32,
+        q_lora_rank=32,
+        qk_rope_head_dim=8,
+        qk_nope_head_dim=32,  # MLA's per-head products quantize along it
+        v_head_dim=32,
+        first_k_dense_replace=1,
+    ),
+    "starcoder2": SMALL,
+}
+
+
+@pytest.mark.parametrize(
+    "device", [*DEVICES, pytest.param("cpu-reference", id="cpu-reference")]
+)
+@pytest.mark.parametrize("arch", sorted(OTHER_ARCHITECTURES))
+def test_patch_other_architectures(monkeypatch, arch, device):
+    """Patched, each architecture computes what it does on MLX's layers, on
+    a prompt and on decode steps with its KV cache, and every affine layer
+    MLX and mlx-lm quantized becomes ours. On the CPU, few-row products go
+    to MLX's own CPU kernel; ``cpu-reference`` turns that off, so that the
+    products are our reference's."""
+    import importlib
+
+    from mlx_lm.models.cache import make_prompt_cache
+
+    if device == "cpu-reference":
+        monkeypatch.setattr(affine, "_CPU_BUILTIN", False)
+        device = mx.cpu
+    module = importlib.import_module(f"mlx_lm.models.{arch}")
+    mx.random.seed(0)
+    fields = dict(OTHER_ARCHITECTURES[arch], model_type=arch)
+    model = module.Model(module.ModelArgs.from_dict(fields))
+    model.update(
+        tree_map(
+            lambda p: mx.random.normal(p.shape) * 0.05 if p.ndim > 1 else p,
+            model.parameters(),
+        )
+    )
+    nn.quantize(model, 32, 4, class_predicate=lambda _, m: hasattr(m, "to_quantized"))
+
+    def logits_of_steps():
+        cache = make_prompt_cache(model)
+        out = [model(mx.array([[1, 5, 9, 33, 7, 2]]), cache=cache)[:, -1]]
+        for token in (17, 200, 3):
+            out.append(model(mx.array([[token]]), cache=cache)[:, -1])
+        return mx.concatenate(out)
+
+    swapped = (nn.QuantizedLinear, nn.QuantizedEmbedding, LMQuantizedSwitch)
+    count = sum(type(m) in swapped for _, m in model.named_modules())
+    with mx.stream(device):
+        expected = logits_of_steps()
+        mqo.nn.patch(model)
+        assert not any(type(m) in swapped for _, m in model.named_modules())
+        ours = sum(
+            type(m).__module__ == "mlx_quant_ops.nn" for _, m in model.named_modules()
+        )
+        assert ours == count > 0
+        # float32 on both; MLX's CUDA matmuls may use TF32 (see above).
+        bound = 1e-4 if mqo.backend(mx.default_stream(device)) == "reference" else 1e-3
+        assert rel_err(logits_of_steps(), f64(expected)) <= bound
+
+
 def test_patched_model_pickles_and_copies():
     """A patched model, used, survives pickle (every protocol that carries
     MLX arrays) and ``copy.deepcopy`` as a patched model: same classes,
