@@ -1,0 +1,97 @@
+"""mlx-lm greedy decoding on the CPU: MLX's quantized layers against ours.
+
+On a Linux CPU, MLX runs a quantized product on one core, and its half
+precision kernel is far slower than its float32 one; this package's CPU path
+multiplies in float32 and splits large products over the cores (README,
+"Every op runs on three paths"). This script shows what that means for a
+user decoding with mlx-lm on a CPU: a Llama model of the Llama-3.2-1B widths
+(hidden 2048, MLP 8192, 32 heads, 8 KV heads, tied embeddings; fewer layers
+and a smaller vocabulary, so MLX's half-precision rows finish), quantized to
+4 bits in groups of 64, decoded greedily with MLX's layers and with ours over
+the same arrays, in turns. It prints the best milliseconds a token of each,
+and whether the two made the same tokens (MLX's layers compute in the half
+type, ours in float32, so random weights may pick a different token where
+two logits are nearly equal).
+
+Run from the repository root::
+
+    python scripts/cpu_decode.py [--dtypes bfloat16,float16,float32]
+        [--layers 4] [--vocab 32000] [--tokens 8] [--rounds 2]
+"""
+
+import argparse
+import time
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.generate import generate_step
+from mlx_lm.models import llama
+
+import mlx_quant_ops as mqo
+
+THEIRS, OURS = "MLX's layers", "ours"
+
+
+def model_and_layer_sets(dtype: mx.Dtype, layers: int, vocab: int):
+    """The model, quantized, and its two layer sets (MLX's, ours)."""
+    args = llama.ModelArgs(
+        model_type="llama",
+        hidden_size=2048,
+        num_hidden_layers=layers,
+        intermediate_size=8192,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        rms_norm_eps=1e-5,
+        vocab_size=vocab,
+        tie_word_embeddings=True,
+    )
+    mx.random.seed(0)
+    model = llama.Model(args)
+    model.set_dtype(dtype)
+    nn.quantize(model, 64, 4)
+    mx.eval(model.parameters())
+    theirs = model.leaf_modules()
+    mqo.nn.patch(model)
+    return model, {THEIRS: theirs, OURS: model.leaf_modules()}
+
+
+def decode(model, prompt: mx.array, tokens: int):
+    """Milliseconds a greedy token (after the prompt) and the tokens."""
+    steps = generate_step(prompt, model, max_tokens=tokens + 1)
+    next(steps)
+    start = time.perf_counter()
+    made = [int(token) for token, _ in steps]
+    return (time.perf_counter() - start) / tokens * 1e3, made
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dtypes", default="bfloat16,float16,float32")
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--tokens", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=2)
+    args = parser.parse_args(argv)
+    mx.set_default_device(mx.cpu)
+    prompt = mx.arange(32) * 7 % args.vocab
+    for name in args.dtypes.split(","):
+        model, layer_sets = model_and_layer_sets(
+            getattr(mx, name), args.layers, args.vocab
+        )
+        best, made = {}, {}
+        for round_ in range(args.rounds):
+            order = list(layer_sets) if round_ % 2 == 0 else list(layer_sets)[::-1]
+            for key in order:
+                model.update_modules(layer_sets[key])
+                ms, made[key] = decode(model, prompt, args.tokens)
+                best[key] = min(ms, best.get(key, ms))
+        theirs, ours = best[THEIRS], best[OURS]
+        print(
+            f"{name:>8}, {args.layers} layers: MLX's layers {theirs:8.1f} ms a token,"
+            f" ours {ours:6.1f} ({theirs / ours:.1f}x);"
+            f" same tokens: {made[THEIRS] == made[OURS]}"
+        )
+
+
+if __name__ == "__main__":
+    main()
