@@ -1758,6 +1758,31 @@ def _gather_qmm_kernel(
     # Everything below stays on the device: the indices are never read back,
     # so an MoE layer costs no host sync and compiles under mx.compile.
     m, k = x.shape[-2:]
+    products = lhs_indices.size  # both index arrays come in one shape
+    per_launch = max(1, _MAX_GRID_Y // m)
+    if products > per_launch:
+        # Tiles go along grid y, which CUDA caps, and a tile holds at least
+        # one row of a product: more products (a long MoE prompt, or its
+        # backward pass, which gathers unsorted) run as several launches.
+        flat_lhs, flat_rhs = lhs_indices.reshape(-1), rhs_indices.reshape(-1)
+        parts = [
+            _gather_qmm_kernel(
+                x,
+                w,
+                scales,
+                biases,
+                flat_lhs[start : start + per_launch],
+                flat_rhs[start : start + per_launch],
+                transpose,
+                group_size,
+                bits,
+                sorted_indices,
+                stream=stream,
+            )
+            for start in range(0, products, per_launch)
+        ]
+        out = mx.concatenate(parts, stream=stream)
+        return out.reshape(*lhs_indices.shape, *out.shape[1:], stream=stream)
     out_shape = (*lhs_indices.shape, m, w.shape[-2] if transpose else None)
     if transpose:
         if m == 1:

@@ -18,6 +18,7 @@ from conftest import PATHS, on_path
 from distributions import sample
 
 import mlx_quant_ops as mqo
+from mlx_quant_ops._kernels import clear_plans
 
 DTYPES = {"f32": mx.float32, "f16": mx.float16, "bf16": mx.bfloat16}
 BITS = (1, 2, 3, 4, 5, 6, 8)
@@ -513,6 +514,60 @@ def test_gather_qmm_sorted_and_lhs(path, bits):
     # Only lhs_indices.
     w1 = [a[:1] for a in (w_q, scales, biases)]
     _check_gather(x, *w1, mx.array([2, 2, 0]), None, True, gs, bits)
+
+
+@pytest.mark.parametrize("transpose", (True, False), ids=("wT", "w"))
+@pytest.mark.parametrize("m", (1, 3))
+def test_gather_qmm_past_the_grid_limit(path, monkeypatch, m, transpose):
+    # More products than one launch's grid holds (CUDA caps grid y at 65535
+    # tiles; here the cap is lowered to 7) run as several launches, forward
+    # and backward (whose gather is unsorted), and give what one would.
+    gs, bits, dtype = 32, 4, mx.float32
+    n, k = (40, 64) if transpose else (64, 40)
+    w_q, scales, biases = _weights(
+        (5, n, k) if transpose else (5, k, n), dtype, gs, bits
+    )
+    rng = np.random.default_rng(m)
+    products = 23
+    sorted_rhs = mx.array(np.sort(rng.integers(0, 5, products)).astype(np.uint32))
+    rhs = mx.array(rng.integers(0, 5, (products // 2 + 1, 2)).astype(np.uint32))
+    x = _x((products, m, k), dtype, seed=m)
+    x_pairs = _x((products // 2 + 1, 1, m, k), dtype, seed=m + 1)
+
+    def loss(x, scales, rhs):
+        out = mqo.gather_qmm(x, w_q, scales, biases, None, rhs, transpose, gs, bits)
+        return (out * mx.cos(out)).sum()
+
+    grad = mx.grad(loss, argnums=(0, 1))
+    whole = grad(x_pairs, scales, rhs)
+    monkeypatch.setattr(mqo.affine, "_MAX_GRID_Y", 7)
+    clear_plans()
+    _check_gather(
+        x, w_q, scales, biases, None, sorted_rhs, transpose, gs, bits, sort=True
+    )
+    _check_gather(x_pairs, w_q, scales, biases, None, rhs, transpose, gs, bits)
+    for part, expected in zip(grad(x_pairs, scales, rhs), whole):
+        assert rel_error(_np(part), _np(expected)) <= 1e-6
+
+
+def test_gather_qmm_launches_stay_within_the_grid_limit(monkeypatch):
+    """On the CUDA path (recorded), every launch of a large gather fits the
+    grid, and the parts cover every product once."""
+    from cuda_compile import recording
+
+    monkeypatch.setattr(mqo.affine, "_MAX_GRID_Y", 40)
+    w_q, scales, biases = _weights((8, 64, 256), mx.float16, 64, 4)
+    for m, sort in ((1, False), (1, True), (3, False)):
+        rhs = mx.array(np.sort(np.arange(100) % 8).astype(np.uint32))
+        x = mx.zeros((100, m, 256), mx.float16)
+        with recording() as launches:
+            out = mqo.gather_qmm(
+                x, w_q, scales, biases, rhs_indices=rhs, sorted_indices=sort
+            )
+            mx.eval(out)
+        assert out.shape == (100, m, 64)
+        assert len(launches) > 1
+        assert all(launch.grid[1] <= 40 for launch in launches)
 
 
 def test_cpu_stream_hands_work_to_mlx_kernels(monkeypatch):
