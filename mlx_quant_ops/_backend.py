@@ -213,7 +213,11 @@ def kernel_stream(stream: StreamLike) -> mx.Stream:
 
 def has_empty(args) -> bool:
     """Whether any ``mx.array`` among ``args`` has no elements."""
-    return any(isinstance(a, mx.array) and a.size == 0 for a in args)
+    # A loop, not any() over a generator: this runs on every CPU-path call.
+    for a in args:
+        if type(a) is mx.array and a.size == 0:
+            return True
+    return False
 
 
 def dispatch(
