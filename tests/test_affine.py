@@ -759,6 +759,10 @@ def test_quantize_and_dequantize_of_no_rows(path, bits):
         values = mqo.dequantize(*ours, group_size=32, bits=bits)
         mx.eval(values)
         assert values.shape == shape and values.dtype == mx.float16
+        codes, scales, biases = ours
+        loss = lambda s, b: mqo.dequantize(codes, s, b, 32, bits).sum()
+        grads = mx.grad(loss, argnums=(0, 1))(scales, biases)
+        assert [g.shape for g in grads] == [scales.shape, biases.shape]
 
 
 @pytest.mark.parametrize(
