@@ -422,8 +422,9 @@ def _indices_in_shape(indices, batch_shape: tuple, shape: tuple) -> mx.array:
 
 
 def _batch_size(a: mx.array) -> int:
-    """How many matrices ``a`` holds over its last two axes (an empty
-    matrix counts: its batch is not empty)."""
+    """How many matrices ``a`` holds over its last two axes, from its
+    batch shape (its size over a matrix's would divide by zero for
+    matrices of no rows)."""
     return math.prod(a.shape[:-2])
 
 
