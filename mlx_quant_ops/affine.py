@@ -1765,7 +1765,8 @@ def _gather_qmm_kernel(
     m, k = x.shape[-2:]
     products = lhs_indices.size  # both index arrays come in one shape
     per_launch = max(1, _MAX_GRID_Y // m)
-    if products > per_launch:
+    ours_tiled = transpose or x.dtype == mx.float32  # else mx.gather_mm runs
+    if products > per_launch and ours_tiled:
         # Tiles go along grid y, which CUDA caps, and a tile holds at least
         # one row of a product: more products (a long MoE prompt, or its
         # backward pass, which gathers unsorted) run as several launches.

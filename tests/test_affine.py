@@ -568,6 +568,14 @@ def test_gather_qmm_launches_stay_within_the_grid_limit(monkeypatch):
         assert out.shape == (100, m, 64)
         assert len(launches) > 1
         assert all(launch.grid[1] <= 40 for launch in launches)
+    # x @ W in half precision runs mx.gather_mm on the weights dequantized
+    # once, which has no such limit: no parts, one dequantize.
+    x = mx.zeros((100, 1, 64), mx.float16)
+    with recording() as launches:
+        mx.eval(
+            mqo.gather_qmm(x, w_q, scales, biases, rhs_indices=rhs, transpose=False)
+        )
+    assert [launch.kernel.name for launch in launches] == ["affine_dequantize"]
 
 
 def test_cpu_stream_hands_work_to_mlx_kernels(monkeypatch):
