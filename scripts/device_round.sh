@@ -4,24 +4,31 @@
 # cache, so the timed runs after it do not pay NVRTC), then the end-to-end
 # rows as the package is and with MLX's own __call__ in every Llama layer
 # of ours (the A/A control: what the benchmark reads for identical code),
-# without the patched model's steps (no-steps: what they gained), with two
-# primitives fewer a Llama layer in ours (fewer-nodes: what fused
-# q|k|v and gate|up|SwiGLU kernels could gain at most, before building them),
-# and with our kernels' planned calls run uncompiled (does mx.compile's
-# replay cost the host less than the custom function and kernel call in
-# Python?). About 590 s on an H200 (2026-12-05 estimate; give the device
-# call its 600 s limit, the last variant is the one to lose). Run from the
-# repository root:
+# without the patched model's steps (no-steps: what they gained), with
+# q|k|v and gate|up run as one MLX product a group on joined weights
+# (concat-builtin: the fusion MLX's own op allows), with two primitives
+# fewer a Llama layer in ours (fewer-nodes: what fused q|k|v and
+# gate|up|SwiGLU kernels could gain at most, before building them), and
+# with our kernels' planned calls run uncompiled (does mx.compile's replay
+# cost the host less than the custom function and kernel call in Python?).
+# The tests take about 250 s and a variant 100-150 s on an H200
+# (2026-12-05 estimate), so a 600 s call ends inside the variants: give it
+# the 600 s limit, and run the rest in a second call with TESTS=0 and
+# VARIANTS naming them. Run from the repository root:
 #
 #     source scripts/device_env.sh && export MLX_PTX_CACHE_DIR=/tmp/ptx \
 #         && bash scripts/device_round.sh
+#     ... && TESTS=0 VARIANTS="fewer-nodes uncompiled-plans" bash scripts/device_round.sh
 #
 # Logs and JSON go to $OUT (the device tool's folder).
 set -u
 out=${OUT:-/tmp}
 nvidia-smi --query-gpu=name --format=csv,noheader
-OUT=$out/gpu timeout 300 bash scripts/gpu_check.sh
-for variant in current mlx-all no-steps fewer-nodes uncompiled-plans; do
+if [ "${TESTS:-1}" != 0 ]; then
+  OUT=$out/gpu timeout 300 bash scripts/gpu_check.sh
+fi
+variants=${VARIANTS:-current mlx-all no-steps concat-builtin fewer-nodes uncompiled-plans}
+for variant in $variants; do
   start=$(date +%s)
   timeout 150 python scripts/e2e_variants.py "$variant" "$out/e2e_$variant.json" \
     > "$out/e2e_$variant.txt" 2>&1

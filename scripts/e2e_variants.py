@@ -21,7 +21,12 @@ a fused q|k|v kernel and a fused gate|up|SwiGLU kernel, each behind its
 custom function, could save a host-bound step; its tokens are wrong, its
 times are the bound); ``no-steps`` (the patched model keeps its own class,
 so its forward is not a step and every handed-over call checks
-everything, as before the thirty-second session).
+everything, as before the thirty-second session); ``concat-builtin``
+(in our layer set, q|k|v and gate|up decode calls that go to MLX's op run it
+once per group on the group's weights joined along their rows, the other
+layers taking their rows of that product: one launch and a slice a layer
+instead of a launch a layer, with the right tokens, the fusion MLX's own op
+allows without a kernel of ours).
 """
 
 import sys
@@ -83,6 +88,75 @@ def _fewer_nodes():
     mqo.nn.QuantizedLinear.__call__ = call_or_kept
 
 
+# Projections that read the same input, in the order mlx-lm's Llama calls
+# them: the first of a group computes the whole group's product.
+_FUSED_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+def _concat_builtin():
+    # At patch time, each group's weights, scales and biases are joined
+    # along their rows (a copy: this variant doubles those layers' memory).
+    # Where the group's first layer hands its decode call to MLX's op, it
+    # runs MLX's op once on the joined weight and keeps the result; the
+    # others return their rows of it for the same input. Unlike fewer-nodes
+    # the tokens are right: this is the fusion MLX's own op allows, one
+    # launch and a slice per layer instead of a launch per layer.
+    patch, call = mqo.nn.patch, mqo.nn.QuantizedLinear.__call__
+
+    def fuse(layers):
+        first = layers[0]
+        same = all(
+            type(layer) is mqo.nn.QuantizedLinear
+            and "bias" not in layer
+            and (layer.group_size, layer.bits) == (first.group_size, first.bits)
+            and layer.weight.shape[1:] == first.weight.shape[1:]
+            for layer in layers
+        )
+        if not same:
+            return
+        joined = [
+            mx.concatenate([layer[key] for layer in layers])
+            for key in ("weight", "scales", "biases")
+        ]
+        mx.eval(joined)
+        group = {"joined": joined, "x": None, "y": None}
+        start = 0
+        for position, layer in enumerate(layers):
+            rows = layer.weight.shape[0]
+            object.__setattr__(layer, "_fused", (group, position, start, start + rows))
+            start += rows
+
+    def patch_and_fuse(model):
+        patch(model)
+        for _, module in model.named_modules():
+            for names in _FUSED_GROUPS:
+                layers = [getattr(module, name, None) for name in names]
+                if all(isinstance(layer, nn.Module) for layer in layers):
+                    fuse(layers)
+        return model
+
+    def fused_call(self, x):
+        fused = self.__dict__.get("_fused")
+        if fused is None:
+            return call(self, x)
+        group, position, start, stop = fused
+        if position == 0:
+            group["x"] = None
+            if not affine.layer_decode_on_builtin(x, self["weight"], self.bits):
+                return call(self, x)
+            w, scales, biases = group["joined"]
+            group["x"] = x
+            group["y"] = mx.quantized_matmul(
+                x, w, scales, biases, True, self.group_size, self.bits
+            )
+        elif group["x"] is not x:
+            return call(self, x)
+        return group["y"][..., start:stop]
+
+    mqo.nn.patch = patch_and_fuse
+    mqo.nn.QuantizedLinear.__call__ = fused_call
+
+
 def _no_steps():
     patch = mqo.nn.patch
 
@@ -105,6 +179,7 @@ VARIANTS = {
     "uncompiled-plans": _uncompiled_plans,
     "fewer-nodes": _fewer_nodes,
     "no-steps": _no_steps,
+    "concat-builtin": _concat_builtin,
 }
 
 if __name__ == "__main__":
