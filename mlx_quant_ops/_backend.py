@@ -233,11 +233,15 @@ def dispatch(
     kernel path receives ``stream=`` set to the GPU stream to launch on.
     Validation happens before this call, once, so every path sees the same
     checked arguments. A call with an empty array argument runs the
-    reference, which gives the empty result with plain ``mx`` ops: a
-    kernel's grid would be empty along an axis, which a GPU refuses to
-    launch.
+    reference on the CPU, which gives the empty result with plain ``mx``
+    ops: a kernel's grid would be empty along an axis, which a GPU refuses
+    to launch, and on CUDA MLX's own quantized ops and compiled kernels stop
+    the process on empty arrays (MLX 0.32.4).
     """
-    if backend(stream) == "reference" or has_empty(args):
+    if has_empty(args):
+        with mx.stream(mx.cpu):
+            return reference(*args, **kwargs)
+    if backend(stream) == "reference":
         scope = mx.stream(stream) if stream is not None else contextlib.nullcontext()
         with scope:
             return reference(*args, **kwargs)

@@ -27,7 +27,7 @@ import mlx.core as mx
 from . import _validate as check
 from ._backend import StreamLike
 from ._backend import _override as _forced_path
-from ._backend import backend, override, stream_name
+from ._backend import backend, has_empty, override, stream_name
 
 # When set, every launch pre-fills its outputs with this value (NaN for
 # floats) so an element a kernel fails to write shows up in tests instead of
@@ -381,7 +381,9 @@ class CallPlans:
             if run is not None:
                 return run, True
         run = make(stream, *arrays, *options)
-        if backend(stream) != "reference":
+        # Not a call with an empty array: compiled element-wise kernels stop
+        # the process on one on CUDA (SIGFPE, MLX 0.32.4).
+        if backend(stream) != "reference" and not has_empty(arrays):
             run = mx.compile(run)
         if key is None:
             return run, False

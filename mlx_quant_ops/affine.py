@@ -1936,7 +1936,9 @@ def _differentiable_gather_qmm(transpose, group_size, bits, sorted_indices, stre
         flat_lhs = lhs.reshape(-1)
         products = flat_lhs.size
         d_x = mx.zeros((_batch_size(x), m, k), dtype=mx.float32)
-        d_x = d_x.at[flat_lhs].add(d_sel.reshape(products, m, k).astype(mx.float32))
+        if d_sel.size:  # MLX's scatter stops the process on empty updates
+            d_sel = d_sel.reshape(products, m, k).astype(mx.float32)
+            d_x = d_x.at[flat_lhs].add(d_sel)
         d_x = d_x.reshape(x.shape).astype(x.dtype)
         # d W[rhs[i]] += the dense gradient of product i
         x_sel = x.astype(mx.float32).reshape(_batch_size(x), m, k)[flat_lhs]

@@ -770,6 +770,7 @@ def test_quantize_and_dequantize_of_no_rows(path, bits):
         codes, scales, biases = ours
         loss = lambda s, b: mqo.dequantize(codes, s, b, 32, bits).sum()
         grads = mx.grad(loss, argnums=(0, 1))(scales, biases)
+        mx.eval(grads)
         assert [g.shape for g in grads] == [scales.shape, biases.shape]
 
 
@@ -805,6 +806,7 @@ def test_gather_qmm_of_empty_arrays(path, x_shape, lhs, rhs, sorted_indices):
         x, w_q, s, biases, lhs_indices=lhs, rhs_indices=rhs
     ).sum()
     d_x, d_scales = mx.grad(loss, argnums=(0, 1))(x, scales)
+    mx.eval(d_x, d_scales)
     assert d_x.shape == x.shape and d_scales.shape == scales.shape
     assert not mx.any(d_scales).item()
 
