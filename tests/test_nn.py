@@ -1423,6 +1423,12 @@ def test_patch_other_architectures(monkeypatch, arch, device):
     if device == "cpu-reference":
         monkeypatch.setattr(affine, "_CPU_BUILTIN", False)
         device = mx.cpu
+    if arch == "deepseek_v3" and device == mx.gpu and mx.cuda.is_available():
+        # The oracle cannot run: MLA's per-head products stay mlx-lm's
+        # QuantizedMultiLinear, whose x @ W in float32 MLX 0.32.4's CUDA
+        # quantized_matmul has no kernel for ("No implementation for
+        # problem shape").
+        pytest.skip("MLX's CUDA quantized_matmul lacks float32 x @ W")
     module = importlib.import_module(f"mlx_lm.models.{arch}")
     mx.random.seed(0)
     fields = dict(OTHER_ARCHITECTURES[arch], model_type=arch)
