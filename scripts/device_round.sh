@@ -20,17 +20,23 @@
 #         && bash scripts/device_round.sh
 #     ... && TESTS=0 VARIANTS="fewer-nodes uncompiled-plans" bash scripts/device_round.sh
 #
-# Logs and JSON go to $OUT (the device tool's folder).
+# Logs go to $OUT (the device tool's folder), the JSON to /tmp.
 set -u
 out=${OUT:-/tmp}
 nvidia-smi --query-gpu=name --format=csv,noheader
+# The device tool brings back at most 8 files: the 17 test logs go to one
+# file, and each variant's JSON stays on the machine.
 if [ "${TESTS:-1}" != 0 ]; then
-  OUT=$out/gpu timeout 300 bash scripts/gpu_check.sh
+  OUT=/tmp/gpu_logs timeout 300 bash scripts/gpu_check.sh
+  for log in /tmp/gpu_logs/gpu_*.txt; do
+    echo "== $(basename "$log")"
+    cat "$log"
+  done > "$out/gpu_all.txt"
 fi
 variants=${VARIANTS:-current mlx-all no-steps concat-builtin fewer-nodes uncompiled-plans}
 for variant in $variants; do
   start=$(date +%s)
-  timeout 150 python scripts/e2e_variants.py "$variant" "$out/e2e_$variant.json" \
+  timeout 150 python scripts/e2e_variants.py "$variant" "/tmp/e2e_$variant.json" \
     > "$out/e2e_$variant.txt" 2>&1
   echo "== e2e $variant: rc $?, $(( $(date +%s) - start )) s"
   grep -A4 "^mlx-lm decode" "$out/e2e_$variant.txt" | tail -3
