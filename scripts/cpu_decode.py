@@ -23,36 +23,12 @@ import argparse
 import time
 
 import mlx.core as mx
-import mlx.nn as nn
 from mlx_lm.generate import generate_step
-from mlx_lm.models import llama
 
-import mlx_quant_ops as mqo
+from mlx_quant_ops.bench.decode_cases import _llama, model_and_layer_sets
 
-THEIRS, OURS = "MLX's layers", "ours"
-
-
-def model_and_layer_sets(dtype: mx.Dtype, layers: int, vocab: int):
-    """The model, quantized, and its two layer sets (MLX's, ours)."""
-    args = llama.ModelArgs(
-        model_type="llama",
-        hidden_size=2048,
-        num_hidden_layers=layers,
-        intermediate_size=8192,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        rms_norm_eps=1e-5,
-        vocab_size=vocab,
-        tie_word_embeddings=True,
-    )
-    mx.random.seed(0)
-    model = llama.Model(args)
-    model.set_dtype(dtype)
-    nn.quantize(model, 64, 4)
-    mx.eval(model.parameters())
-    theirs = model.leaf_modules()
-    mqo.nn.patch(model)
-    return model, {THEIRS: theirs, OURS: model.leaf_modules()}
+# The keys of model_and_layer_sets' layer sets: MLX's layers, ours.
+THEIRS, OURS = "builtin", "ours"
 
 
 def decode(model, prompt: mx.array, tokens: int):
@@ -75,8 +51,9 @@ def main(argv=None):
     mx.set_default_device(mx.cpu)
     prompt = mx.arange(32) * 7 % args.vocab
     for name in args.dtypes.split(","):
+        fields = _llama(2048, args.layers, 8192, 32, 8, args.vocab)
         model, layer_sets = model_and_layer_sets(
-            getattr(mx, name), args.layers, args.vocab
+            "llama", dict(fields, tie_word_embeddings=True), getattr(mx, name)
         )
         best, made = {}, {}
         for round_ in range(args.rounds):

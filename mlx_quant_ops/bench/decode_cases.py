@@ -161,9 +161,9 @@ def _host_us(model, prompt: mx.array, tokens: int) -> Tuple[float, float]:
     return statistics.median(hosts) * 1e6, statistics.median(builds) * 1e6
 
 
-def model_and_layer_sets(module: str, fields: dict):
+def model_and_layer_sets(module: str, fields: dict, dtype: mx.Dtype = mx.float16):
     """An mlx-lm model (``mlx_lm.models.<module>`` built from ``fields``,
-    random weights, float16, quantized to 4 bits in groups of 64) and its
+    random weights in ``dtype``, quantized to 4 bits in groups of 64) and its
     two layer sets, MLX's (``"builtin"``) and ours (``"ours"``), for
     ``model.update_modules``. Both sets share the same arrays, so swapping
     them is free; the model is left patched.
@@ -178,7 +178,7 @@ def model_and_layer_sets(module: str, fields: dict):
     models = importlib.import_module(f"mlx_lm.models.{module}")
     mx.random.seed(0)
     model = models.Model(models.ModelArgs(**fields))
-    model.set_dtype(mx.float16)
+    model.set_dtype(dtype)
     nn.quantize(model, group_size=64, bits=4)
     mx.eval(model.parameters())
     model.eval()
