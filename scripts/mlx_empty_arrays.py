@@ -10,7 +10,8 @@ repository root, optionally with a prefix of the case names::
     python scripts/mlx_empty_arrays.py [ours]
 """
 
-import subprocess, sys, textwrap
+import subprocess
+import sys
 
 PRE = """
 import faulthandler; faulthandler.enable()
