@@ -11,7 +11,13 @@ from pathlib import Path
 
 from . import affine, gguf
 from ._backend import BACKENDS, backend, use_backend
-from .affine import dequantize, gather_qmm, quantize, quantized_matmul
+from .affine import (
+    dequantize,
+    fused_quantized_matmul,
+    gather_qmm,
+    quantize,
+    quantized_matmul,
+)
 
 __version__ = "0.1.0"
 
@@ -45,6 +51,7 @@ __all__ = [
     "quantize",
     "dequantize",
     "quantized_matmul",
+    "fused_quantized_matmul",
     "gather_qmm",
     "nn",
 ]

@@ -80,14 +80,39 @@ _QMV_INPUTS = ("x", "w", "scales", "biases", "slot_expert", "slot_x", "params")
 _QMV = KernelSpec("affine_qmv", _QMV_INPUTS, ("out",), _HEADERS + ("affine_load.h",))
 _MMA_HEADERS = _HEADERS + ("affine_mma.cuh",)
 # Its tensor-core twin for half and bfloat16 on CUDA (same inputs).
+_QMV_MMA_HEADERS = _MMA_HEADERS + ("affine_qmv_mma_block.cuh",)
 _QMV_MMA = KernelSpec(
     "affine_qmv_mma",
     _QMV_INPUTS,
     ("out",),
-    _MMA_HEADERS,
+    _QMV_MMA_HEADERS,
     body_file="affine_qmv_mma.cu",
     dialects=("cuda",),
 )
+
+
+def _fused_qmv_mma_spec(weights: int, word: str) -> KernelSpec:
+    """The tensor-core mat-vec of ``weights`` weights that read one input
+    (kernels/affine_qmv_mma_<word>.cu): ``_QMV_MMA``'s inputs with one
+    ``w, scales, biases`` triple per weight, and an output per weight."""
+    triples = tuple(
+        f"{name}{i}" for i in range(weights) for name in ("w", "scales", "biases")
+    )
+    return KernelSpec(
+        f"affine_qmv_mma_{word}",
+        ("x", *triples, "slot_expert", "slot_x", "params"),
+        tuple(f"out{i}" for i in range(weights)),
+        _QMV_MMA_HEADERS,
+        body_file=f"affine_qmv_mma_{word}.cu",
+        dialects=("cuda",),
+    )
+
+
+# By the number of weights they take.
+_QMV_MMA_FUSED = {
+    2: _fused_qmv_mma_spec(2, "pair"),
+    3: _fused_qmv_mma_spec(3, "triple"),
+}
 # Hopper's streamed mat-vec for one weight (kernels/affine_qmv_stream.cu):
 # a producer warp has the copy engine move chunks of KC values of 16 weight
 # rows (1 KB of codes a row at most widths, so each bulk copy is large)
@@ -329,23 +354,28 @@ def _format(op: str, group_size, bits, mode, global_scale=None) -> Tuple[int, in
     return group_size, check.choice(op, "bits", bits, AFFINE_BITS)
 
 
-def _check_packed(op: str, w, scales, biases, group_size: int, bits: int) -> int:
+def _check_packed(
+    op: str, w, scales, biases, group_size: int, bits: int, where: str = ""
+) -> int:
     """Check a packed weight and its scales and biases; return K, the
-    unpacked length of ``w``'s last axis."""
-    check.array(op, "w", w)
-    check.dtype(op, "w", w, (mx.uint32,))
-    check.ndim(op, "w", w, at_least=2)
-    check.array(op, "scales", scales)
-    check.dtype(op, "scales", scales, check.FLOAT_DTYPES)
+    unpacked length of ``w``'s last axis. ``where`` leads the arguments'
+    names in messages (``"weights[1] "`` for an op taking several)."""
+    check.array(op, f"{where}w", w)
+    check.dtype(op, f"{where}w", w, (mx.uint32,))
+    check.ndim(op, f"{where}w", w, at_least=2)
+    check.array(op, f"{where}scales", scales)
+    check.dtype(op, f"{where}scales", scales, check.FLOAT_DTYPES)
     if biases is None:
-        check.fail(op, "biases", "an array (affine quantization needs biases)", None)
-    check.array(op, "biases", biases)
-    check.dtype(op, "biases", biases, check.FLOAT_DTYPES)
+        check.fail(
+            op, f"{where}biases", "an array (affine quantization needs biases)", None
+        )
+    check.array(op, f"{where}biases", biases)
+    check.dtype(op, f"{where}biases", biases, check.FLOAT_DTYPES)
     packed = w.shape[-1]
     if packed == 0 or (packed * WORD_BITS) % (bits * group_size):
         check.fail(
             op,
-            "w",
+            f"{where}w",
             f"a last axis of uint32 words holding whole groups of {group_size} "
             f"{bits}-bit values (a multiple of {bits * group_size // 32} words)",
             f"shape {tuple(w.shape)}",
@@ -355,7 +385,7 @@ def _check_packed(op: str, w, scales, biases, group_size: int, bits: int) -> int
     if tuple(scales.shape) != expected:
         check.fail(
             op,
-            "scales",
+            f"{where}scales",
             f"shape {expected} (one per group of {group_size} for w of shape "
             f"{tuple(w.shape)} at {bits} bits)",
             f"shape {tuple(scales.shape)}",
@@ -363,7 +393,7 @@ def _check_packed(op: str, w, scales, biases, group_size: int, bits: int) -> int
     if tuple(biases.shape) != expected:
         check.fail(
             op,
-            "biases",
+            f"{where}biases",
             f"shape {expected}, the shape of scales",
             f"shape {tuple(biases.shape)}",
         )
@@ -376,10 +406,13 @@ def _result_dtype(*dtypes: mx.Dtype) -> mx.Dtype:
     return kinds.pop() if len(kinds) == 1 else mx.float32
 
 
-def _check_matmul(op: str, x, w, scales, biases, transpose, group_size, bits):
+def _check_matmul(
+    op: str, x, w, scales, biases, transpose, group_size, bits, where: str = ""
+):
     """Checks shared by the matmuls; returns ``(K, N, out_dtype)`` where the
-    product is ``[..., M, K] x [K, N]``."""
-    k = _check_packed(op, w, scales, biases, group_size, bits)
+    product is ``[..., M, K] x [K, N]`` (``where`` as for
+    :func:`_check_packed`)."""
+    k = _check_packed(op, w, scales, biases, group_size, bits, where)
     check.array(op, "x", x)
     check.dtype(op, "x", x, check.FLOAT_DTYPES)
     check.ndim(op, "x", x, at_least=1)
@@ -1373,26 +1406,32 @@ def _differentiable_quantized_matmul(transpose, group_size, bits, stream_key):
 
     @qmm.vjp
     def qmm_vjp(primals, cotangents, outputs):
-        x, w, scales, biases = primals
-        cot = _first(cotangents)
-        d_x = _quantized_matmul_any(
-            cot, w, scales, biases, not transpose, group_size, bits, stream
+        return _quantized_matmul_grads(
+            *primals, _first(cotangents), transpose, group_size, bits, stream
         )
-        d_x = _reduce_to(d_x, x.shape).astype(x.dtype)
-        # The dense weight's gradient, in w's layout, summed over the batch
-        # entries that shared a weight.
-        x32, cot32 = x.astype(mx.float32), cot.astype(mx.float32)
-        if transpose:
-            d_dense = cot32.swapaxes(-1, -2) @ x32
-        else:
-            d_dense = x32.swapaxes(-1, -2) @ cot32
-        d_dense = _reduce_to(d_dense, (*w.shape[:-1], d_dense.shape[-1]))
-        d_scales, d_biases = _scale_bias_grads(
-            d_dense, w, scales, biases, group_size, bits
-        )
-        return d_x, mx.zeros_like(w), d_scales, d_biases
 
     return qmm
+
+
+def _quantized_matmul_grads(
+    x, w, scales, biases, cot, transpose, group_size, bits, stream
+):
+    """The gradients of ``(x, w, scales, biases)`` of ``quantized_matmul``
+    for the output's cotangent ``cot`` (zeros for the integer codes)."""
+    d_x = _quantized_matmul_any(
+        cot, w, scales, biases, not transpose, group_size, bits, stream
+    )
+    d_x = _reduce_to(d_x, x.shape).astype(x.dtype)
+    # The dense weight's gradient, in w's layout, summed over the batch
+    # entries that shared a weight.
+    x32, cot32 = x.astype(mx.float32), cot.astype(mx.float32)
+    if transpose:
+        d_dense = cot32.swapaxes(-1, -2) @ x32
+    else:
+        d_dense = x32.swapaxes(-1, -2) @ cot32
+    d_dense = _reduce_to(d_dense, (*w.shape[:-1], d_dense.shape[-1]))
+    d_scales, d_biases = _scale_bias_grads(d_dense, w, scales, biases, group_size, bits)
+    return d_x, mx.zeros_like(w), d_scales, d_biases
 
 
 def quantized_matmul(
@@ -1441,6 +1480,236 @@ def quantized_matmul(
 
 
 _QUANTIZED_MATMUL_CALLS = CallPlans()
+
+
+# ---- fused_quantized_matmul --------------------------------------------------
+
+
+def _triples(flat) -> list:
+    """``(w0, scales0, biases0, w1, ...)`` as ``[(w0, scales0, biases0), ...]``."""
+    return [tuple(flat[i : i + 3]) for i in range(0, len(flat), 3)]
+
+
+def _fused_quantized_matmul_reference(x, *flat, group_size, bits):
+    return tuple(
+        _quantized_matmul_reference(x, w, scales, biases, True, group_size, bits)
+        for w, scales, biases in _triples(flat)
+    )
+
+
+def _fused_quantized_matmul_cpu(x, *flat, group_size, bits):
+    # Each product as quantized_matmul's CPU path runs it, so a layer's
+    # output is the same fused or not.
+    return tuple(
+        _quantized_matmul_cpu(x, w, scales, biases, True, group_size, bits)
+        for w, scales, biases in _triples(flat)
+    )
+
+
+def _fused_quantized_matmul_kernel(x, *flat, group_size, bits, stream):
+    plan = _fused_qmv_plan(
+        tuple(x.shape),
+        x.dtype,
+        tuple(tuple(w.shape) for w in flat[::3]),
+        group_size,
+        bits,
+        StreamKey(stream),
+        _launch_context(stream),
+    )
+    if plan is None:
+        return tuple(
+            _quantized_matmul_kernel(
+                x, w, scales, biases, True, group_size, bits, stream=stream
+            )
+            for w, scales, biases in _triples(flat)
+        )
+    return tuple(plan(x, *flat))
+
+
+def _fused_launch_fits(stream, rows, dtype, n_rows, k, group_size, bits) -> bool:
+    """Whether :func:`fused_quantized_matmul` runs as one launch: the
+    tensor-core mat-vec over two or three weights, for at most 16 rows of
+    x (decode) in half or bfloat16 on CUDA, and no weight the streamed
+    mat-vec takes (it is faster than the fused blocks there). Elsewhere
+    the products run one by one."""
+    return (
+        len(n_rows) in _QMV_MMA_FUSED
+        and _tensor_cores(stream, dtype)
+        and 0 < rows <= _QMV_MMA_MAX_ROWS
+        and not any(
+            _qmv_stream_fits(stream, dtype, rows, n, k, bits, group_size)
+            for n in n_rows
+        )
+    )
+
+
+@plan_cache
+def _fused_qmv_plan(x_shape, dtype, w_shapes, group_size, bits, stream_key, context):
+    """The one launch of :func:`_fused_quantized_matmul_kernel` for its
+    shapes, or None where :func:`_fused_launch_fits` says the products run
+    one by one."""
+    stream = stream_key.stream
+    k = x_shape[-1]
+    rows = math.prod(x_shape[:-1])
+    n_rows = [shape[0] for shape in w_shapes]
+    if not _fused_launch_fits(stream, rows, dtype, n_rows, k, group_size, bits):
+        return None
+    slot_expert, slot_x, run = _shape_slots((0,), (0,), rows)
+    x_rows = 1 << (run - 1).bit_length()
+    blocks = sum(-(-n // _QMV_MMA_ROWS) for n in n_rows)
+    warps, unroll, run_units = _qmv_mma_shape(blocks, k, x_rows, bits, group_size)
+    threads = warps * _SIMD
+    return Launcher(
+        _QMV_MMA_FUSED[len(w_shapes)],
+        (slot_expert, slot_x, sizes(k, rows, rows, *n_rows)),
+        template=[
+            ("T", dtype),
+            ("bits", bits),
+            ("group_size", group_size),
+            ("XR", x_rows),
+            ("KW", warps),
+            ("UNROLL", unroll),
+            ("RUN", run_units),
+        ],
+        grid=(blocks * threads, 1, 1),
+        threadgroup=(threads, 1, 1),
+        output_shapes=[(*x_shape[:-1], n) for n in n_rows],
+        output_dtypes=[dtype] * len(w_shapes),
+        stream=stream,
+    )
+
+
+@functools.lru_cache(maxsize=256)  # one per option set, not per call
+def _differentiable_fused_quantized_matmul(group_size, bits, stream_key):
+    """``fused_quantized_matmul`` on fixed options as an
+    ``mx.custom_function`` of ``(x, w0, scales0, biases0, w1, ...)``."""
+    stream = stream_key.stream
+
+    @mx.custom_function
+    def fused(x, *flat):
+        return dispatch(
+            _fused_quantized_matmul_cpu,
+            _fused_quantized_matmul_kernel,
+            x,
+            *flat,
+            group_size=group_size,
+            bits=bits,
+            stream=stream,
+        )
+
+    @fused.vjp
+    def fused_vjp(primals, cotangents, outputs):
+        x, *flat = primals
+        d_x, d_weights = None, []
+        for (w, scales, biases), cot in zip(_triples(flat), cotangents):
+            grads = _quantized_matmul_grads(
+                x, w, scales, biases, cot, True, group_size, bits, stream
+            )
+            d_x = grads[0] if d_x is None else d_x + grads[0]
+            d_weights += grads[1:]
+        return (d_x, *d_weights)
+
+    return fused
+
+
+def fused_quantized_matmul(
+    x: mx.array,
+    weights,
+    group_size: Optional[int] = None,
+    bits: Optional[int] = None,
+    mode: str = "affine",
+    *,
+    stream: StreamLike = None,
+) -> Tuple[mx.array, ...]:
+    """``x @ W.T`` for each of several MLX affine quantized weights that
+    read the same ``x`` (an attention layer's q, k and v projections, an
+    MLP's gate and up projections), as one op: where each product is
+    ``mx.quantized_matmul(x, w, scales, biases, transpose=True, ...)``.
+
+    On CUDA a decode-sized ``x`` (at most 16 rows) in half or bfloat16
+    times two or three weights runs as one launch of the tensor-core
+    mat-vec, so a decode step has one graph node where it had one a weight
+    (each costs the host several microseconds, which bounds a small
+    model's decoding). Elsewhere the products run one by one as
+    :func:`quantized_matmul` runs them. Differentiable with respect to
+    ``x``, the scales and the biases.
+
+    Args:
+        x (mlx.core.array): float32, float16 or bfloat16, ``[..., K]``.
+        weights (sequence): one or more ``(w, scales, biases)`` triples,
+            each a 2-D weight as :func:`quantized_matmul` takes with
+            ``transpose=True`` (``w`` uint32 ``[N_i, K * bits / 32]``,
+            ``scales`` and ``biases`` ``[N_i, K / group_size]``), all
+            quantized with the same ``group_size`` and ``bits``.
+        group_size (int, optional): 32, 64 or 128. Default: 64.
+        bits (int, optional): 1, 2, 3, 4, 5, 6 or 8. Default: 4.
+        mode (str): only ``"affine"``.
+        stream (mlx.core.Stream or Device, optional): where to run.
+
+    Returns:
+        tuple[mlx.core.array, ...]: ``[..., N_i]`` for each weight in turn,
+        all in the promotion of ``x``'s dtype and every scale's and bias's.
+    """
+    flat = _flat_weights("fused_quantized_matmul", weights)
+    return _FUSED_QUANTIZED_MATMUL_CALLS(
+        _plan_fused_quantized_matmul, stream, (x, *flat), (group_size, bits, mode)
+    )
+
+
+_FUSED_QUANTIZED_MATMUL_CALLS = CallPlans()
+
+
+def _flat_weights(op: str, weights) -> tuple:
+    """``weights`` (a sequence of ``(w, scales, biases)``) as one flat
+    tuple, after checking its structure (the arrays are checked by the
+    plan)."""
+    if not isinstance(weights, (list, tuple)) or not weights:
+        got = type(weights).__name__
+        if isinstance(weights, (list, tuple)):
+            got = repr(weights)
+        check.fail(
+            op,
+            "weights",
+            "a non-empty list or tuple of (w, scales, biases) triples",
+            got,
+            TypeError,
+        )
+    flat = []
+    for i, triple in enumerate(weights):
+        if not isinstance(triple, (list, tuple)) or len(triple) != 3:
+            kind = type(triple).__name__
+            if isinstance(triple, (list, tuple)):
+                kind = f"a {kind} of {len(triple)} items"
+            check.fail(
+                op, f"weights[{i}]", "a (w, scales, biases) triple", kind, TypeError
+            )
+        flat += triple
+    return tuple(flat)
+
+
+def _plan_fused_quantized_matmul(stream, x, *flat_and_options):
+    op = "fused_quantized_matmul"
+    *flat, group_size, bits, mode = flat_and_options
+    group_size, bits = _format(op, group_size, bits, mode)
+    dtypes = [x.dtype if isinstance(x, mx.array) else None]
+    for i, (w, scales, biases) in enumerate(_triples(flat)):
+        _check_matmul(
+            op, x, w, scales, biases, True, group_size, bits, f"weights[{i}] "
+        )
+        check.ndim(op, f"weights[{i}] w", w, exactly=2)
+        dtypes += [scales.dtype, biases.dtype]
+    dtype = _result_dtype(*dtypes)
+    vector = x.ndim == 1
+    fn = _differentiable_fused_quantized_matmul(group_size, bits, StreamKey(stream))
+
+    def run(x, *flat):
+        if vector:
+            x = x[None]
+        cast = [a if i % 3 == 0 else a.astype(dtype) for i, a in enumerate(flat)]
+        outs = fn(x.astype(dtype), *cast)
+        return tuple(out.squeeze(-2) for out in outs) if vector else tuple(outs)
+
+    return run
 
 
 def _hands_over_here() -> bool:
@@ -1551,6 +1820,52 @@ def _layer_quantized_matmul(
         return y, replay
     y = run(x, w, scales, biases)
     return y, LayerReplay(run, x, w, scales, biases, group_size, bits)
+
+
+# Whether mlx_quant_ops.nn's sibling layers fuse their decode calls (see
+# _layer_fused_quantized_matmul); tests of the single calls' hand-over turn
+# it off.
+LAYER_FUSE_SIBLINGS = True
+
+
+def _layer_fused_quantized_matmul(x, flat, group_size, bits) -> Optional[object]:
+    """The planned function of ``(x, w0, scales0, biases0, w1, ...)`` that
+    runs sibling linear layers' calls on ``x`` (layers of one module that
+    read the same input, grouped by ``mlx_quant_ops.nn.patch``) as one
+    :func:`fused_quantized_matmul` launch, or None where they run one by
+    one. On the CUDA path (where :func:`layer_decode_on_builtin` hands
+    single calls over) a decode step is bound by the host, and each graph
+    node costs it several microseconds (H100 host, 2026-12-05,
+    scripts/node_costs.py: 2.1 µs to build and 6.9 µs to encode MLX's
+    quantized_matmul, 0.1 µs more in a custom function): one launch for a
+    q|k|v triple saves two of three nodes, for a gate|up pair one of two.
+
+    Args:
+        x (mlx.core.array): the layers' input.
+        flat (tuple): the layers' ``weight, scales, biases`` in turn.
+        group_size, bits (int): the layers' options (the same for all).
+
+    Returns:
+        The planned function, or None.
+    """
+    if not (
+        LAYER_FUSE_SIBLINGS
+        and _hands_over_here()
+        and 0 < x.size <= _QMV_MMA_MAX_ROWS * x.shape[-1]
+    ):
+        return None
+    dtype = _result_dtype(x.dtype, *(a.dtype for i, a in enumerate(flat) if i % 3))
+    stream = mx.default_stream(mx.default_device())
+    n_rows = [w.shape[0] for w in flat[::3]]
+    rows = x.size // x.shape[-1]
+    if not _fused_launch_fits(
+        stream, rows, dtype, n_rows, x.shape[-1], group_size, bits
+    ):
+        return None
+    run, kept = _FUSED_QUANTIZED_MATMUL_CALLS.plan(
+        _plan_fused_quantized_matmul, None, (x, *flat), (group_size, bits, "affine")
+    )
+    return run if kept else None
 
 
 # Embedding lookups of mlx_quant_ops.nn.QuantizedEmbedding that MLX's

@@ -24,12 +24,14 @@ Only the ``"affine"`` quantization mode is this package's format; layers in
 other modes (``mxfp4``, ``nvfp4``, ``mxfp8``) are left as they are.
 """
 
+import operator
 from typing import Callable, Optional, Union
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_map_with_path
 
+from . import _kernels
 from . import _validate as check
 from . import affine
 from ._kernels import HandedOverReplay, LayerReplay, _step
@@ -95,9 +97,11 @@ class _PlannedCalls:
     put in behind the layer's back are caught by the replays' identity
     checks."""
 
-    REPLAY_SLOTS = ("_replay", "_lookup_replay")
+    REPLAY_SLOTS = ("_replay", "_lookup_replay", "_siblings")
     _replay: Optional[LayerReplay] = None
     _lookup_replay: Optional[LayerReplay] = None
+    # A linear layer's (group, index) in its sibling group (see _Siblings).
+    _siblings: Optional[tuple] = None
 
     def _keep(self, replay: Optional[LayerReplay], slot: str = "_replay") -> None:
         """Keep ``replay`` in ``slot`` for the next call there; a call that
@@ -132,8 +136,13 @@ class _PlannedCalls:
         return state
 
     def _forget_replays(self) -> None:
-        for slot in self.REPLAY_SLOTS:
-            object.__setattr__(self, slot, None)
+        # The sibling group stays (it is made once, by patch) but drops
+        # its last outputs and plan, which used the old arrays.
+        siblings = self._siblings
+        if siblings is not None:
+            siblings[0].forget()
+        object.__setattr__(self, "_replay", None)
+        object.__setattr__(self, "_lookup_replay", None)
 
     def __setitem__(self, key, value):
         self._forget_replays()
@@ -175,6 +184,12 @@ class QuantizedLinear(_PlannedCalls, nn.QuantizedLinear):
 
     def __call__(self, x: mx.array) -> mx.array:
         # Also the tied output projection of QuantizedEmbedding.as_linear.
+        siblings = self._siblings
+        if siblings is not None:
+            # No bias: patch groups only layers without one.
+            y = siblings[0].output(siblings[1], x)
+            if y is not None:
+                return y
         # _PlannedCalls._replayed_or_planned, inline (the hot path).
         w, scales, biases = self["weight"], self["scales"], self["biases"]
         replay = self._replay
@@ -503,6 +518,115 @@ class QuantizedSwitchLinear(_PlannedCalls, _SwitchBase):
         return _adopt(cls, _SwitchBase, layer, "QuantizedSwitchLinear.from_quantized")
 
 
+# Linear layers of one module that read the same input in the models
+# mlx-lm defines (attention's q, k and v projections; a gated MLP's gate and
+# up projections), whose decode calls can run as one launch.
+SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+class _Siblings:
+    """Linear layers of one module that read the same input, grouped by
+    :func:`patch` (:data:`SIBLINGS`): inside a patched model's step on the
+    CUDA path, the first of them called on a decode-sized input runs
+    :func:`mlx_quant_ops.fused_quantized_matmul` for all of them in one
+    launch (see ``affine._layer_fused_quantized_matmul``) and keeps the
+    outputs with the input; the others, called on that same input object,
+    take theirs. A call on any other input, or where the launch does not
+    apply, runs the layer's own path. The outputs depend only on the input
+    and the layers' arrays, and replacing an array of a layer drops them
+    (``_PlannedCalls._forget_replays``), so a kept output is never stale.
+
+    The plan (``run``) is kept with what it was made for: the input's shape
+    and dtype, the layers' arrays by identity, the step's key (which
+    covers the path, the forced path and the plan generation) and the
+    testing switches. ``run`` is None where the calls run one by one.
+    """
+
+    __slots__ = (
+        "layers",
+        "group_size",
+        "bits",
+        "x",
+        "outputs",
+        "run",
+        "x_shape",
+        "x_dtype",
+        "arrays",
+        "step",
+        "poison",
+        "includes",
+    )
+
+    def __init__(self, layers):
+        self.layers = tuple(layers)
+        self.group_size, self.bits = layers[0].group_size, layers[0].bits
+        self.forget()
+
+    def forget(self) -> None:
+        self.x = self.outputs = self.run = self.x_shape = self.arrays = None
+        self.step = 0
+
+    def output(self, index: int, x) -> Optional[mx.array]:
+        """Layer ``index``'s output for ``x``, or None (the layer runs its
+        own path)."""
+        if x is self.x:
+            return self.outputs[index]
+        step = _step.get()
+        if not step or type(x) is not mx.array:
+            return None
+        same_call = (
+            step == self.step
+            and x.shape == self.x_shape
+            and x.dtype == self.x_dtype
+            and _kernels._poison.get() is self.poison
+            and _kernels.CUDA_INCLUDES.get() is self.includes
+        )
+        if same_call and self.run is None:
+            return None  # declined for this call already
+        arrays = []
+        for layer in self.layers:
+            arrays += (layer["weight"], layer["scales"], layer["biases"])
+        if not (same_call and all(map(operator.is_, arrays, self.arrays))):
+            self.run = affine._layer_fused_quantized_matmul(
+                x, tuple(arrays), self.group_size, self.bits
+            )
+            self.x_shape, self.x_dtype, self.arrays = x.shape, x.dtype, arrays
+            self.step = step
+            self.poison = _kernels._poison.get()
+            self.includes = _kernels.CUDA_INCLUDES.get()
+        if self.run is None:
+            return None
+        self.outputs = self.run(x, *arrays)
+        self.x = x
+        return self.outputs[index]
+
+
+def _group_siblings(model: nn.Module) -> None:
+    """Group each module's :data:`SIBLINGS` of ours that can share a launch:
+    all present, plain :class:`QuantizedLinear` (no subclass, no bias) of
+    the same group size, bits, input width and scales dtype, and in no
+    group yet."""
+    for _, module in model.named_modules():
+        for names in SIBLINGS:
+            layers = [module.get(name) for name in names]
+            first = layers[0]
+            if not all(
+                type(layer) is QuantizedLinear
+                and "bias" not in layer
+                and layer._siblings is None
+                and layer.group_size == first.group_size
+                and layer.bits == first.bits
+                and layer["weight"].ndim == 2
+                and layer["weight"].shape[1] == first["weight"].shape[1]
+                and layer["scales"].dtype == first["scales"].dtype
+                for layer in layers
+            ):
+                continue
+            group = _Siblings(layers)
+            for index, layer in enumerate(layers):
+                object.__setattr__(layer, "_siblings", (group, index))
+
+
 def _replacements() -> dict:
     """The exact MLX / mlx-lm layer types :func:`patch` swaps, each mapped to
     ours."""
@@ -627,6 +751,7 @@ def patch(model: nn.Module) -> nn.Module:
         lambda _, m: _patched(m), model.leaf_modules(), is_leaf=nn.Module.is_module
     )
     model.update_modules(leaves)
+    _group_siblings(model)
     if callable(model):
         object.__setattr__(model, "__class__", _stepped(type(model)))
     return model

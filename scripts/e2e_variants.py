@@ -26,7 +26,9 @@ everything, as before the thirty-second session); ``concat-builtin``
 once per group on the group's weights joined along their rows, the other
 layers taking their rows of that product: one launch and a slice a layer
 instead of a launch a layer, with the right tokens, the fusion MLX's own op
-allows without a kernel of ours).
+allows without a kernel of ours); ``unfused`` (sibling projections run
+one call each, as before the thirty-fourth session's fused q|k|v and
+gate|up launches).
 """
 
 import sys
@@ -180,6 +182,7 @@ VARIANTS = {
     "fewer-nodes": _fewer_nodes,
     "no-steps": _no_steps,
     "concat-builtin": _concat_builtin,
+    "unfused": lambda: setattr(affine, "LAYER_FUSE_SIBLINGS", False),
 }
 
 if __name__ == "__main__":

@@ -19,9 +19,9 @@ group() {
 group gpu_gguf.txt tests/test_gguf.py tests/test_backend.py tests/test_package.py &
 # The layer and model tests spend most of their time in NVRTC (MLX's own
 # fused kernels under mx.compile and generation, besides ours): three groups.
-group gpu_nn.txt tests/test_nn.py tests/test_model.py -k "not generates_same and not model_compiles" &
+group gpu_nn.txt tests/test_nn.py tests/test_model.py -k "not generates_same and not model_compiles and not sibling" &
 group gpu_nn2.txt tests/test_nn.py -k "generates_same" &
-group gpu_nn3.txt tests/test_nn.py -k "model_compiles" &
+group gpu_nn3.txt tests/test_nn.py -k "model_compiles or sibling" &
 # The affine tests by name, and a last group with every affine test none of
 # these names (a new test is never left out).
 affine_groups=(
@@ -37,6 +37,7 @@ affine_groups=(
   "decode_bits and bf16"
   "streamed and not bf16"
   "streamed and bf16"
+  "fused"
 )
 rest=""
 for i in "${!affine_groups[@]}"; do

@@ -155,12 +155,14 @@ def test_quantize_all_negative_and_sliced_inputs(path):
 
 
 def _check_matmul(
-    x, w_q, scales, biases, transpose, group_size, bits, what, against_mx=True
+    x, w_q, scales, biases, transpose, group_size, bits, what, against_mx=True, out=None
 ):
-    """Our product against a float64 one and (unless ``against_mx`` is
-    False: MLX's CPU sums rows of ten thousand bfloat16 values in bfloat16,
-    10% off on bias-heavy rows) against ``mx.quantized_matmul``."""
-    out = mqo.quantized_matmul(x, w_q, scales, biases, transpose, group_size, bits)
+    """Our product (``out``, else ``mqo.quantized_matmul``'s) against a
+    float64 one and (unless ``against_mx`` is False: MLX's CPU sums rows of
+    ten thousand bfloat16 values in bfloat16, 10% off on bias-heavy rows)
+    against ``mx.quantized_matmul``."""
+    if out is None:
+        out = mqo.quantized_matmul(x, w_q, scales, biases, transpose, group_size, bits)
     expected = mx.quantized_matmul(
         x, w_q, scales, biases, transpose, group_size, bits, stream=CPU
     )
@@ -438,6 +440,141 @@ def test_quantized_matmul_mixed_dtypes_promote_like_mlx(path):
         expected = mx.quantized_matmul(x, w_q, s, b, group_size=64, bits=4, stream=CPU)
         assert out.dtype == expected.dtype
         assert rel_error(_np(out), _np(expected)) <= 1e-2
+
+
+# ---- fused_quantized_matmul --------------------------------------------------------
+
+# Rows of the three weights: none a multiple of the tensor-core mat-vec's
+# 16-row tile, and a weight of a single partial tile.
+FUSED_ROWS = (37, 20, 5)
+
+
+def _check_fused(dtype, bits, group_size, k, x_shapes):
+    """``fused_quantized_matmul`` of one, two and three weights on inputs of
+    ``x_shapes``: each output as ``_check_matmul`` checks a product."""
+    weights = [
+        _weights((n, k), dtype, group_size, bits, KINDS[(bits + i) % len(KINDS)], i)
+        for i, n in enumerate(FUSED_ROWS)
+    ]
+    for count in (1, 2, 3):
+        for seed, x_shape in enumerate(x_shapes):
+            x = _x(x_shape, dtype, seed=seed + bits)
+            outs = mqo.fused_quantized_matmul(x, weights[:count], group_size, bits)
+            assert isinstance(outs, tuple) and len(outs) == count
+            for i, (out, weight) in enumerate(zip(outs, weights)):
+                what = f"weight {i} of {count}, x {x_shape}"
+                _check_matmul(x, *weight, True, group_size, bits, what, out=out)
+
+
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("bits", BITS)
+def test_fused_quantized_matmul_bits(path, dtype, bits):
+    # Every width in every dtype (on CUDA, half and bfloat16 run the pair and
+    # triple launches): one and 13 rows of x (one and two n8 tiles), a batch
+    # of 2x3 rows, a vector, and 17 rows (more than one launch takes, so
+    # the products run one by one); K an odd number of 32-value units.
+    _check_fused(
+        dtype, bits, 64, 7 * 64, ((1, 448), (13, 448), (2, 3, 448), (448,), (17, 448))
+    )
+
+
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("group_size", (32, 128))
+def test_fused_quantized_matmul_groups(path, dtype, group_size):
+    _check_fused(
+        dtype, 4, group_size, 3 * group_size, ((1, 3 * group_size), (6, 3 * group_size))
+    )
+
+
+def test_fused_quantized_matmul_gradients(path):
+    # Gradients of x (summed over the weights), the scales and the biases,
+    # against mx.grad of MLX's products one by one.
+    gs, bits = 32, 4
+    weights = [_weights((n, 64), mx.float32, gs, bits, seed=n) for n in FUSED_ROWS]
+    x = _x((3, 64), mx.float32)
+    cots = [_x((3, n), mx.float32, seed=n + 1) for n in FUSED_ROWS]
+
+    def loss(products):
+        def f(x, *scales_and_biases):
+            pairs = zip(scales_and_biases[::2], scales_and_biases[1::2])
+            triples = [(w[0], s, b) for w, (s, b) in zip(weights, pairs)]
+            return sum((y * c).sum() for y, c in zip(products(x, triples), cots))
+
+        return f
+
+    def ours(x, triples):
+        return mqo.fused_quantized_matmul(x, triples, gs, bits)
+
+    def theirs(x, triples):
+        return [mx.quantized_matmul(x, *t, True, gs, bits) for t in triples]
+
+    args = [x]
+    for _, scales, biases in weights:
+        args += [scales, biases]
+    argnums = tuple(range(len(args)))
+    got = mx.grad(loss(ours), argnums)(*args)
+    with mx.stream(CPU):
+        expected = mx.grad(loss(theirs), argnums)(*args)
+    for i, (a, b) in enumerate(zip(got, expected)):
+        assert a.shape == b.shape and a.dtype == b.dtype, i
+        assert rel_error(_np(a), _np(b)) <= 1e-5, f"argument {i} vs mx.grad"
+
+
+def test_fused_quantized_matmul_runs_one_launch():
+    """On CUDA (simulated: kernels recorded, not run) one decode of half
+    inputs by two or three weights is one launch of the fused mat-vec; a
+    single weight, float32, more rows than a launch takes, or a weight the
+    streamed mat-vec takes run one launch a weight."""
+    from cuda_compile import recording
+
+    def launched(dtype, counts, rows, k=256):
+        weights = [
+            mqo.quantize(mx.zeros((n, k), dtype), 64, 4) for n in FUSED_ROWS[:counts]
+        ]
+        with recording() as launches:
+            mx.eval(mqo.fused_quantized_matmul(mx.zeros((rows, k), dtype), weights))
+        return [launch.kernel.name for launch in launches]
+
+    assert launched(mx.float16, 3, 1) == ["affine_qmv_mma_triple"]
+    assert launched(mx.bfloat16, 2, 16) == ["affine_qmv_mma_pair"]
+    assert launched(mx.float16, 1, 1) == ["affine_qmv_mma"]
+    assert launched(mx.float32, 3, 1) == ["affine_qmv"] * 3
+    assert launched(mx.float16, 2, 17) == ["affine_qmm_wgmma"] * 2
+    assert launched(mx.float16, 2, 1, k=4096) == ["affine_qmv_stream"] * 2
+
+
+def test_fused_quantized_matmul_errors():
+    op = "fused_quantized_matmul"
+    x = mx.zeros((1, 64), mx.float16)
+    good = _packed()
+    _raises(TypeError, op, "weights", lambda: mqo.fused_quantized_matmul(x, good[0]))
+    _raises(TypeError, op, "weights", lambda: mqo.fused_quantized_matmul(x, []))
+    _raises(
+        TypeError,
+        op,
+        "weights[1]",
+        lambda: mqo.fused_quantized_matmul(x, [good, good[:2]]),
+    )
+    wide = _packed((8, 128))
+    # x fits the first weight and not the second.
+    _raises(ValueError, op, "x", lambda: mqo.fused_quantized_matmul(x, [good, wide]))
+    short_scales = (good[0], good[1][:, :0], good[2])
+    _raises(
+        ValueError,
+        op,
+        "weights[0] scales",
+        lambda: mqo.fused_quantized_matmul(x, [short_scales]),
+    )
+    batched = tuple(a[None] for a in good)
+    _raises(
+        ValueError, op, "weights[0] w", lambda: mqo.fused_quantized_matmul(x, [batched])
+    )
+    _raises(
+        ValueError,
+        op,
+        "bits",
+        lambda: mqo.fused_quantized_matmul(x, [good], bits=7),
+    )
 
 
 # ---- gather_qmm ------------------------------------------------------------------

@@ -117,6 +117,7 @@ def exercise_affine():
     outputs += _affine_calls(mx.bfloat16, 4, 64, decode_rows=(2, 3, 8), prefill=False)
     outputs += _tall_prefill()
     outputs += _streamed_decodes()
+    outputs += _fused_decodes()
     # A long K on a short N: the tensor-core mat-vec splits K over 8 warps
     # (K not a multiple of 8 groups, which would stream instead).
     w_q, scales, biases = mqo.quantize(mx.zeros((16, 4160), mx.float16))
@@ -138,6 +139,25 @@ def exercise_affine():
     packed = mqo.quantize(mx.zeros((16, long_k), mx.float16), 64, 5)
     x = mx.zeros((5, long_k), mx.float16)
     outputs.append(mqo.quantized_matmul(x, *packed, True, 64, 5))
+    return outputs
+
+
+def _fused_decodes():
+    # The fused mat-vecs of two and three weights (rows of each not a
+    # whole tile) at every width in half, and at 4 and 8 bits in bfloat16,
+    # with one and two n8 tiles of x rows.
+    outputs = []
+    for dtype, widths in ((mx.float16, mqo.affine.AFFINE_BITS), (mx.bfloat16, (4, 8))):
+        for bits in widths:
+            weights = [
+                mqo.quantize(mx.zeros((n, 128), dtype), 64, bits) for n in (40, 24, 8)
+            ]
+            for count in (2, 3):
+                for rows in (1, 13):
+                    x = mx.zeros((rows, 128), dtype)
+                    outputs += mqo.fused_quantized_matmul(
+                        x, weights[:count], 64, bits
+                    )
     return outputs
 
 
@@ -253,8 +273,12 @@ def test_recorder_sees_every_affine_kernel():
         "affine_qmm",
         "affine_qmm_n",
         "affine_qmm_wgmma",
+        "affine_qmv_mma_pair",
+        "affine_qmv_mma_triple",
     }
     assert _widths(definitions, "affine_qmm_wgmma") == set(mqo.affine.AFFINE_BITS)
+    for fused in ("affine_qmv_mma_pair", "affine_qmv_mma_triple"):
+        assert _widths(definitions, fused) == set(mqo.affine.AFFINE_BITS)
 
 
 def test_recorder_sees_the_pre_hopper_prefill_tile():

@@ -1224,8 +1224,9 @@ def test_decode_steps_replay_on_the_cuda_path(monkeypatch, arch):
 
 def llama_handed_over(monkeypatch):
     """A float16 4-bit Llama whose every decode call and lookup goes to
-    MLX's built-ins on CUDA, with its two layer sets, MLX's and ours
-    (patched), for ``model.update_modules``."""
+    MLX's built-ins on CUDA (its sibling projections unfused), with its two
+    layer sets, MLX's and ours (patched), for ``model.update_modules``."""
+    monkeypatch.setattr(affine, "LAYER_FUSE_SIBLINGS", False)
     monkeypatch.setattr(affine, "LAYER_BUILTIN_DECODE_BELOW", {4: 1 << 40})
     monkeypatch.setattr(
         affine, "LAYER_BUILTIN_LOOKUP_ROWS", MEASURED_BUILTIN_LOOKUP_ROWS
@@ -1605,3 +1606,136 @@ def test_bench_decode_rows_time_both_layer_sets(monkeypatch):
     assert 0 < row.ours_build_us <= row.ours_host_us
     assert 0 < row.builtin_build_us <= row.builtin_host_us
     assert lines == [decode_cases.format_row(row)]
+
+
+def fused_llama(monkeypatch):
+    """A float16 4-bit Llama, patched, deciding as on the CUDA path
+    (``affine`` reads every stream as CUDA, while each op still runs its
+    reference on the CPU), with single decode calls planned rather than
+    handed to MLX's op: then a fused call and the single calls it replaces
+    compute the same thing the same way. Also MLX's layer set."""
+    monkeypatch.setattr(affine, "backend", lambda stream: "cuda")
+    monkeypatch.setattr(affine, "LAYER_BUILTIN_DECODE_BELOW", {})
+    model = random_model("llama")
+    model.set_dtype(mx.float16)
+    nn.quantize(model, 64, 4)
+    mx.eval(model.parameters())
+    theirs = model.leaf_modules()
+    mqo.nn.patch(model)
+    return model, theirs
+
+
+def test_sibling_projections_fuse_in_steps(monkeypatch):
+    """patch groups each attention's q|k|v projections and each MLP's
+    gate|up projections; in a decode step on the CUDA path each group runs
+    as one fused call, which computes what the single calls compute, bit
+    for bit, and MLX's layers' logits within float16's error. Replacing a
+    layer's weight drops the group's kept outputs."""
+    model, theirs = fused_llama(monkeypatch)
+    ours = model.leaf_modules()
+    attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
+    qkv = attn.q_proj._siblings[0]
+    assert [layer._siblings for layer in (attn.k_proj, attn.v_proj)] == [
+        (qkv, 1),
+        (qkv, 2),
+    ]
+    assert mlp.gate_proj._siblings[0] is mlp.up_proj._siblings[0]
+    assert attn.o_proj._siblings is None and mlp.down_proj._siblings is None
+
+    tokens = [5, 77, 300, 12]
+    expected = decode_logits(model, theirs, tokens)
+    fused = decode_logits(model, ours, tokens)
+    assert qkv.run is not None and len(qkv.outputs) == 3
+    for got, want in zip(fused, expected):
+        got, want = got.astype(mx.float32), want.astype(mx.float32)
+        # float16 logits through the layers (MLX's CPU kernel sums in half,
+        # ours in float32): 1.4% apart, and the same greedy token.
+        assert (mx.linalg.norm(got - want) / mx.linalg.norm(want)).item() < 3e-2
+        assert mx.argmax(got).item() == mx.argmax(want).item()
+
+    monkeypatch.setattr(affine, "LAYER_FUSE_SIBLINGS", False)
+    _kernels.clear_plans()
+    unfused = decode_logits(model, ours, tokens)
+    assert qkv.run is None  # the unfused steps planned single calls
+    assert all(mx.array_equal(a, b).item() for a, b in zip(fused, unfused))
+
+    # k takes v's arrays: the group forgets, and the fused steps follow.
+    for key in ("weight", "scales", "biases"):
+        setattr(attn.k_proj, key, attn.v_proj[key])
+    assert qkv.x is None and qkv.outputs is None
+    unfused = decode_logits(model, ours, tokens)
+    monkeypatch.setattr(affine, "LAYER_FUSE_SIBLINGS", True)
+    _kernels.clear_plans()
+    fused = decode_logits(model, ours, tokens)
+    assert qkv.run is not None
+    assert all(mx.array_equal(a, b).item() for a, b in zip(fused, unfused))
+
+
+def test_sibling_outputs_belong_to_their_input(monkeypatch):
+    """Inside a step a sibling takes the group's kept output only for the
+    input object it was computed from; any other input fuses again; outside
+    a step each layer runs alone. Gradients flow through the fused call as
+    through the single ones."""
+    model, _ = fused_llama(monkeypatch)
+    attn = model.model.layers[0].self_attn
+    qkv = attn.q_proj._siblings[0]
+    layers = (attn.q_proj, attn.k_proj, attn.v_proj)
+    x1, x2 = (mx.random.normal((1, 1, 256), key=mx.random.key(i)) for i in (1, 2))
+    x1, x2 = x1.astype(mx.float16), x2.astype(mx.float16)
+    alone = {id(x): [layer(x) for layer in layers] for x in (x1, x2)}
+    assert qkv.x is None  # outside a step
+
+    token = _kernels._step.set(affine.step_key())
+    try:
+        q1 = attn.q_proj(x1)
+        assert qkv.x is x1 and q1 is qkv.outputs[0]
+        assert attn.k_proj(x1) is qkv.outputs[1]
+        v2 = attn.v_proj(x2)  # another input: fused again
+        assert qkv.x is x2 and v2 is qkv.outputs[2]
+        k1 = attn.k_proj(x1)
+        assert qkv.x is x1
+        for got, want in zip(
+            (q1, k1, v2), (alone[id(x1)][0], alone[id(x1)][1], alone[id(x2)][2])
+        ):
+            assert mx.array_equal(got, want).item()
+
+        def loss(x, layers_fuse):
+            monkeypatch.setattr(affine, "LAYER_FUSE_SIBLINGS", layers_fuse)
+            qkv.forget()
+            q, k, v = (layer(x) for layer in layers)
+            return q.sum() + 2 * k.sum() + 3 * v.sum()
+
+        # (float16: a float32 input makes float32 products, which no fused
+        # launch takes.)
+        fused_grad = mx.grad(lambda x: loss(x, True))(x1)
+        assert qkv.run is not None
+        single_grad = mx.grad(lambda x: loss(x, False))(x1)
+        assert mx.allclose(fused_grad, single_grad, rtol=1e-2, atol=1e-2).item()
+    finally:
+        _kernels._step.reset(token)
+
+
+@pytest.mark.gpu
+def test_sibling_projections_fuse_on_the_gpu(monkeypatch):
+    """On CUDA, a float16 model's q|k|v and gate|up decode calls run as the
+    fused launch, and its logits follow MLX's layers' within float16's
+    error, with the same greedy tokens."""
+    if mqo.backend() != "cuda":
+        pytest.skip("the fused launch is the CUDA path's")
+    model = random_model("llama")
+    model.set_dtype(mx.float16)
+    nn.quantize(model, 64, 4)
+    mx.eval(model.parameters())
+    theirs = model.leaf_modules()
+    mqo.nn.patch(model)
+    ours = model.leaf_modules()
+    tokens = [5, 77, 300, 12, 9]
+    expected = decode_logits(model, theirs, tokens)
+    fused = decode_logits(model, ours, tokens)
+    qkv = model.model.layers[0].self_attn.q_proj._siblings[0]
+    gate_up = model.model.layers[0].mlp.gate_proj._siblings[0]
+    assert qkv.run is not None and gate_up.run is not None
+    for got, want in zip(fused, expected):
+        got, want = got.astype(mx.float32), want.astype(mx.float32)
+        assert (mx.linalg.norm(got - want) / mx.linalg.norm(want)).item() < 3e-2
+        assert mx.argmax(got).item() == mx.argmax(want).item()
