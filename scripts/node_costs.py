@@ -82,9 +82,13 @@ def main():
             mx.eval(outs)
             done = time.perf_counter()
             if round_ >= 2:  # two warm-up rounds: kernels built, plans made
-                for series, value in zip(times[name], (built - start, handed - built, done - start)):
+                for series, value in zip(
+                    times[name], (built - start, handed - built, done - start)
+                ):
                     series.append(value / args.nodes * 1e6)
-    print(f"{'kind':<34} {'build µs':>9} {'encode µs':>10} {'all µs':>8}  (per node, median of {args.rounds})")
+    print(
+        f"{'kind':<34} {'build µs':>9} {'encode µs':>10} {'all µs':>8}  (per node, median of {args.rounds})"
+    )
     for name, (build, encode, total) in times.items():
         print(
             f"{name:<34} {statistics.median(build):>9.2f}"

@@ -155,9 +155,7 @@ def _fused_decodes():
             for count in (2, 3):
                 for rows in (1, 13):
                     x = mx.zeros((rows, 128), dtype)
-                    outputs += mqo.fused_quantized_matmul(
-                        x, weights[:count], 64, bits
-                    )
+                    outputs += mqo.fused_quantized_matmul(x, weights[:count], 64, bits)
     return outputs
 
 
