@@ -1529,15 +1529,20 @@ def _fused_quantized_matmul_kernel(x, *flat, group_size, bits, stream):
 def _fused_launch_fits(stream, rows, dtype, n_rows, k, group_size, bits) -> bool:
     """Whether :func:`fused_quantized_matmul` runs as one launch: the
     tensor-core mat-vec over two or three weights, for at most 16 rows of
-    x (decode) in half or bfloat16 on CUDA, and no weight the streamed
-    mat-vec takes (it is faster than the fused blocks there). Elsewhere
-    the products run one by one."""
+    x (decode) in half or bfloat16 on CUDA, and no large weight that the
+    streamed mat-vec takes (it is faster than the fused blocks there). A
+    weight below the size where a layer hands its decode call to MLX's op
+    (:data:`LAYER_BUILTIN_DECODE_BELOW`: the call is bound by the host,
+    not by the GPU) fuses even so: a Llama-3-8B attention's q|k|v.
+    Elsewhere the products run one by one."""
+    small = LAYER_BUILTIN_DECODE_BELOW.get(bits, 0)
     return (
         len(n_rows) in _QMV_MMA_FUSED
         and _tensor_cores(stream, dtype)
         and 0 < rows <= _QMV_MMA_MAX_ROWS
         and not any(
-            _qmv_stream_fits(stream, dtype, rows, n, k, bits, group_size)
+            n * k >= small
+            and _qmv_stream_fits(stream, dtype, rows, n, k, bits, group_size)
             for n in n_rows
         )
     )

@@ -524,7 +524,8 @@ def test_fused_quantized_matmul_runs_one_launch():
     """On CUDA (simulated: kernels recorded, not run) one decode of half
     inputs by two or three weights is one launch of the fused mat-vec; a
     single weight, float32, more rows than a launch takes, or a weight the
-    streamed mat-vec takes run one launch a weight."""
+    streamed mat-vec takes that is too large to hand over run one launch a
+    weight."""
     from cuda_compile import recording
 
     def launched(dtype, counts, rows, k=256):
@@ -540,7 +541,11 @@ def test_fused_quantized_matmul_runs_one_launch():
     assert launched(mx.float16, 1, 1) == ["affine_qmv_mma"]
     assert launched(mx.float32, 3, 1) == ["affine_qmv"] * 3
     assert launched(mx.float16, 2, 17) == ["affine_qmm_wgmma"] * 2
-    assert launched(mx.float16, 2, 1, k=4096) == ["affine_qmv_stream"] * 2
+    # The streamed mat-vec keeps large weights; small ones fuse all the same.
+    assert launched(mx.float16, 2, 1, k=4096) == ["affine_qmv_mma_pair"]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(mqo.affine, "LAYER_BUILTIN_DECODE_BELOW", {4: 37 * 4096})
+        assert launched(mx.float16, 2, 1, k=4096) == ["affine_qmv_stream"] * 2
 
 
 def test_fused_quantized_matmul_errors():
