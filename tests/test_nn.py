@@ -1231,13 +1231,19 @@ def llama_handed_over(monkeypatch):
     monkeypatch.setattr(
         affine, "LAYER_BUILTIN_LOOKUP_ROWS", MEASURED_BUILTIN_LOOKUP_ROWS
     )
+    model, theirs = patched_half_llama()
+    return model, {"theirs": theirs, "ours": model.leaf_modules()}
+
+
+def patched_half_llama():
+    """A float16 4-bit Llama, patched, and MLX's layer set for it."""
     model = random_model("llama")
     model.set_dtype(mx.float16)
     nn.quantize(model, 64, 4)
     mx.eval(model.parameters())
     theirs = model.leaf_modules()
     mqo.nn.patch(model)
-    return model, {"theirs": theirs, "ours": model.leaf_modules()}
+    return model, theirs
 
 
 def decode_logits(model, layers, tokens):
@@ -1616,13 +1622,7 @@ def fused_llama(monkeypatch):
     compute the same thing the same way. Also MLX's layer set."""
     monkeypatch.setattr(affine, "backend", lambda stream: "cuda")
     monkeypatch.setattr(affine, "LAYER_BUILTIN_DECODE_BELOW", {})
-    model = random_model("llama")
-    model.set_dtype(mx.float16)
-    nn.quantize(model, 64, 4)
-    mx.eval(model.parameters())
-    theirs = model.leaf_modules()
-    mqo.nn.patch(model)
-    return model, theirs
+    return patched_half_llama()
 
 
 def test_sibling_projections_fuse_in_steps(monkeypatch):
@@ -1722,12 +1722,7 @@ def test_sibling_projections_fuse_on_the_gpu(monkeypatch):
     error, with the same greedy tokens."""
     if mqo.backend() != "cuda":
         pytest.skip("the fused launch is the CUDA path's")
-    model = random_model("llama")
-    model.set_dtype(mx.float16)
-    nn.quantize(model, 64, 4)
-    mx.eval(model.parameters())
-    theirs = model.leaf_modules()
-    mqo.nn.patch(model)
+    model, theirs = patched_half_llama()
     ours = model.leaf_modules()
     tokens = [5, 77, 300, 12, 9]
     expected = decode_logits(model, theirs, tokens)
