@@ -2,22 +2,19 @@
 # One device call's worth of checks, in the order that makes the most of a
 # cold machine: the GPU test suite first (its parallel groups fill the PTX
 # cache, so the timed runs after it do not pay NVRTC), then the end-to-end
-# rows as the package is, with MLX's own __call__ in every Llama layer of
-# ours (mlx-all, the A/A control: what the benchmark reads for identical
-# code), with our kernels' planned calls run uncompiled (does mx.compile's
-# replay cost the host less than the custom function and kernel call in
-# Python? never measured yet), and with two primitives fewer a Llama layer
-# in ours (fewer-nodes: the bound for fused q|k|v and gate|up|SwiGLU
-# kernels; on an H100 host 2026-12-05 it read 0.992 for the 1B shape and
-# 1.057 for the 8B shape, against 1.058 and 1.163 as is). e2e_variants.py
-# has more (no-steps, concat-builtin, ...). The tests take about 250 s and
-# a variant 100-150 s, so a 600 s call may end inside the variants: give
-# it the 600 s limit, and run the rest in a second call with TESTS=0 and
-# VARIANTS naming them. Run from the repository root:
+# rows as the package is, with the sibling projections unfused (unfused:
+# each q|k|v and gate|up call its own node, as before the thirty-fourth
+# session; never measured against current yet), and with MLX's own __call__
+# in every Llama layer of ours (mlx-all, the A/A control: what the
+# benchmark reads for identical code). e2e_variants.py has more
+# (fewer-nodes, no-steps, concat-builtin, uncompiled-plans, ...). The tests
+# take about 300 s and a variant 70-150 s, so a 600 s call may end inside
+# the variants: give it the 600 s limit, and run the rest in a second call
+# with TESTS=0 and VARIANTS naming them. Run from the repository root:
 #
 #     source scripts/device_env.sh && export MLX_PTX_CACHE_DIR=/tmp/ptx \
 #         && bash scripts/device_round.sh
-#     ... && TESTS=0 VARIANTS="fewer-nodes" bash scripts/device_round.sh
+#     ... && TESTS=0 VARIANTS="mlx-all" bash scripts/device_round.sh
 #
 # Logs go to $OUT (the device tool's folder), the JSON to /tmp.
 set -u
@@ -32,7 +29,7 @@ if [ "${TESTS:-1}" != 0 ]; then
     cat "$log"
   done > "$out/gpu_all.txt"
 fi
-variants=${VARIANTS:-current mlx-all uncompiled-plans fewer-nodes}
+variants=${VARIANTS:-current unfused mlx-all}
 for variant in $variants; do
   start=$(date +%s)
   timeout 150 python scripts/e2e_variants.py "$variant" "/tmp/e2e_$variant.json" \

@@ -37,7 +37,9 @@ affine_groups=(
   "decode_bits and bf16"
   "streamed and not bf16"
   "streamed and bf16"
-  "fused"
+  "fused and bf16"
+  "fused and f16 and not bf16"
+  "fused and not f16"
 )
 rest=""
 for i in "${!affine_groups[@]}"; do
