@@ -552,6 +552,17 @@ def test_fused_quantized_matmul_runs_one_launch():
         assert launched(mx.float16, 2, 1, k=4096) == ["affine_qmv_stream"] * 2
 
 
+def test_fused_quantized_matmul_of_empty_inputs(path):
+    # No rows: empty outputs of each weight's width (MLX's own op, the
+    # other tests' oracle, stops the process on these).
+    weights = [_weights((n, 128), mx.float16, 64, 4) for n in FUSED_ROWS]
+    for x_shape in ((0, 128), (2, 0, 128)):
+        outs = mqo.fused_quantized_matmul(mx.zeros(x_shape, mx.float16), weights)
+        mx.eval(outs)
+        assert [out.shape for out in outs] == [(*x_shape[:-1], n) for n in FUSED_ROWS]
+        assert all(out.dtype == mx.float16 for out in outs)
+
+
 def test_fused_quantized_matmul_errors():
     op = "fused_quantized_matmul"
     x = mx.zeros((1, 64), mx.float16)
