@@ -186,10 +186,9 @@ class QuantizedLinear(_PlannedCalls, nn.QuantizedLinear):
         # Also the tied output projection of QuantizedEmbedding.as_linear.
         siblings = self._siblings
         if siblings is not None:
-            # No bias: patch groups only layers without one.
             y = siblings[0].output(siblings[1], x)
             if y is not None:
-                return y
+                return y + self["bias"] if "bias" in self else y
         # _PlannedCalls._replayed_or_planned, inline (the hot path).
         w, scales, biases = self["weight"], self["scales"], self["biases"]
         replay = self._replay
@@ -603,16 +602,15 @@ class _Siblings:
 
 def _group_siblings(model: nn.Module) -> None:
     """Group each module's :data:`SIBLINGS` of ours that can share a launch:
-    all present, plain :class:`QuantizedLinear` (no subclass, no bias) of
-    the same group size, bits, input width and scales dtype, and in no
-    group yet."""
+    all present, plain :class:`QuantizedLinear` (no subclass; each adds its
+    own bias, if any, to its output) of the same group size, bits, input
+    width and scales dtype, and in no group yet."""
     for _, module in model.named_modules():
         for names in SIBLINGS:
             layers = [module.get(name) for name in names]
             first = layers[0]
             if not all(
                 type(layer) is QuantizedLinear
-                and "bias" not in layer
                 and layer._siblings is None
                 and layer.group_size == first.group_size
                 and layer.bits == first.bits

@@ -1715,6 +1715,50 @@ def test_sibling_outputs_belong_to_their_input(monkeypatch):
         _kernels._step.reset(token)
 
 
+@pytest.mark.parametrize("arch", ("qwen2", "gemma2", "mixtral", "starcoder2"))
+def test_sibling_projections_fuse_in_other_architectures(monkeypatch, arch):
+    """In float16 on the CUDA path (simulated as in ``fused_llama``), each
+    architecture's q|k|v (with biases: qwen2, starcoder2) and gate|up
+    projections (none in starcoder2's MLP, whose names differ) fuse, and
+    its logits over a prompt and decode steps are those of the unfused
+    layers, bit for bit."""
+    import importlib
+
+    from mlx_lm.models.cache import make_prompt_cache
+
+    monkeypatch.setattr(affine, "backend", lambda stream: "cuda")
+    monkeypatch.setattr(affine, "LAYER_BUILTIN_DECODE_BELOW", {})
+    module = importlib.import_module(f"mlx_lm.models.{arch}")
+    mx.random.seed(0)
+    fields = dict(OTHER_ARCHITECTURES[arch], model_type=arch)
+    model = module.Model(module.ModelArgs.from_dict(fields))
+    model.set_dtype(mx.float16)
+    nn.quantize(model, 32, 4)
+    mqo.nn.patch(model)
+    groups = {
+        id(m._siblings[0]): m._siblings[0]
+        for _, m in model.named_modules()
+        if getattr(m, "_siblings", None) is not None
+    }
+    sizes = sorted(len(group.layers) for group in groups.values())
+    layers = fields["num_hidden_layers"]
+    gated = arch != "starcoder2"  # mixtral's experts are switch layers
+    assert sizes == [2] * (layers if gated and arch != "mixtral" else 0) + [3] * layers
+
+    def logits_of_steps():
+        cache = make_prompt_cache(model)
+        out = [model(mx.array([[1, 5, 9, 33, 7, 2]]), cache=cache)[:, -1]]
+        for token in (17, 200, 3):
+            out.append(model(mx.array([[token]]), cache=cache)[:, -1])
+        return mx.concatenate(out)
+
+    fused = logits_of_steps()
+    assert all(group.run is not None for group in groups.values())
+    monkeypatch.setattr(affine, "LAYER_FUSE_SIBLINGS", False)
+    _kernels.clear_plans()
+    assert mx.array_equal(fused, logits_of_steps()).item()
+
+
 @pytest.mark.gpu
 def test_sibling_projections_fuse_on_the_gpu(monkeypatch):
     """On CUDA, a float16 model's q|k|v and gate|up decode calls run as the
