@@ -1413,29 +1413,11 @@ OTHER_ARCHITECTURES = {
 }
 
 
-@pytest.mark.parametrize(
-    "device", [*DEVICES, pytest.param("cpu-reference", id="cpu-reference")]
-)
-@pytest.mark.parametrize("arch", sorted(OTHER_ARCHITECTURES))
-def test_patch_other_architectures(monkeypatch, arch, device):
-    """Patched, each architecture computes what it does on MLX's layers, on
-    a prompt and on decode steps with its KV cache, and every affine layer
-    MLX and mlx-lm quantized becomes ours. On the CPU, few-row products go
-    to MLX's own CPU kernel; ``cpu-reference`` turns that off, so that the
-    products are our reference's."""
+def other_architecture(arch: str, dtype: mx.Dtype) -> nn.Module:
+    """A model of :data:`OTHER_ARCHITECTURES` with small random weights in
+    ``dtype``, quantized by MLX to 4 bits in groups of 32."""
     import importlib
 
-    from mlx_lm.models.cache import make_prompt_cache
-
-    if device == "cpu-reference":
-        monkeypatch.setattr(affine, "_CPU_BUILTIN", False)
-        device = mx.cpu
-    if arch == "deepseek_v3" and device == mx.gpu and mx.cuda.is_available():
-        # The oracle cannot run: MLA's per-head products stay mlx-lm's
-        # QuantizedMultiLinear, whose x @ W in float32 MLX 0.32.4's CUDA
-        # quantized_matmul has no kernel for ("No implementation for
-        # problem shape").
-        pytest.skip("MLX's CUDA quantized_matmul lacks float32 x @ W")
     module = importlib.import_module(f"mlx_lm.models.{arch}")
     mx.random.seed(0)
     fields = dict(OTHER_ARCHITECTURES[arch], model_type=arch)
@@ -1446,19 +1428,47 @@ def test_patch_other_architectures(monkeypatch, arch, device):
             model.parameters(),
         )
     )
+    model.set_dtype(dtype)
     nn.quantize(model, 32, 4, class_predicate=lambda _, m: hasattr(m, "to_quantized"))
+    return model
 
-    def logits_of_steps():
-        cache = make_prompt_cache(model)
-        out = [model(mx.array([[1, 5, 9, 33, 7, 2]]), cache=cache)[:, -1]]
-        for token in (17, 200, 3):
-            out.append(model(mx.array([[token]]), cache=cache)[:, -1])
-        return mx.concatenate(out)
 
+def logits_of_steps(model: nn.Module) -> mx.array:
+    """The last position's logits of a prompt and of three decode steps
+    after it, from an empty KV cache."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    cache = make_prompt_cache(model)
+    out = [model(mx.array([[1, 5, 9, 33, 7, 2]]), cache=cache)[:, -1]]
+    for token in (17, 200, 3):
+        out.append(model(mx.array([[token]]), cache=cache)[:, -1])
+    return mx.concatenate(out)
+
+
+@pytest.mark.parametrize(
+    "device", [*DEVICES, pytest.param("cpu-reference", id="cpu-reference")]
+)
+@pytest.mark.parametrize("arch", sorted(OTHER_ARCHITECTURES))
+def test_patch_other_architectures(monkeypatch, arch, device):
+    """Patched, each architecture computes what it does on MLX's layers, on
+    a prompt and on decode steps with its KV cache, and every affine layer
+    MLX and mlx-lm quantized becomes ours. On the CPU, few-row products go
+    to MLX's own CPU kernel; ``cpu-reference`` turns that off, so that the
+    products are our reference's."""
+    if device == "cpu-reference":
+        monkeypatch.setattr(affine, "_CPU_BUILTIN", False)
+        device = mx.cpu
+    if arch == "deepseek_v3" and device == mx.gpu and mx.cuda.is_available():
+        # The oracle cannot run: MLA's per-head products stay mlx-lm's
+        # QuantizedMultiLinear, whose x @ W in float32 MLX 0.32.4's CUDA
+        # quantized_matmul has no kernel for ("No implementation for
+        # problem shape").
+        pytest.skip("MLX's CUDA quantized_matmul lacks float32 x @ W")
+    model = other_architecture(arch, mx.float32)
     swapped = (nn.QuantizedLinear, nn.QuantizedEmbedding, LMQuantizedSwitch)
     count = sum(type(m) in swapped for _, m in model.named_modules())
     with mx.stream(device):
-        expected = logits_of_steps()
+        expected = logits_of_steps(model)
         mqo.nn.patch(model)
         assert not any(type(m) in swapped for _, m in model.named_modules())
         ours = sum(
@@ -1467,7 +1477,7 @@ def test_patch_other_architectures(monkeypatch, arch, device):
         assert ours == count > 0
         # float32 on both; MLX's CUDA matmuls may use TF32 (see above).
         bound = 1e-4 if mqo.backend(mx.default_stream(device)) == "reference" else 1e-3
-        assert rel_err(logits_of_steps(), f64(expected)) <= bound
+        assert rel_err(logits_of_steps(model), f64(expected)) <= bound
 
 
 def test_patched_model_pickles_and_copies():
@@ -1722,41 +1732,24 @@ def test_sibling_projections_fuse_in_other_architectures(monkeypatch, arch):
     projections (none in starcoder2's MLP, whose names differ) fuse, and
     its logits over a prompt and decode steps are those of the unfused
     layers, bit for bit."""
-    import importlib
-
-    from mlx_lm.models.cache import make_prompt_cache
-
     monkeypatch.setattr(affine, "backend", lambda stream: "cuda")
     monkeypatch.setattr(affine, "LAYER_BUILTIN_DECODE_BELOW", {})
-    module = importlib.import_module(f"mlx_lm.models.{arch}")
-    mx.random.seed(0)
-    fields = dict(OTHER_ARCHITECTURES[arch], model_type=arch)
-    model = module.Model(module.ModelArgs.from_dict(fields))
-    model.set_dtype(mx.float16)
-    nn.quantize(model, 32, 4)
-    mqo.nn.patch(model)
+    model = mqo.nn.patch(other_architecture(arch, mx.float16))
     groups = {
         id(m._siblings[0]): m._siblings[0]
         for _, m in model.named_modules()
         if getattr(m, "_siblings", None) is not None
     }
     sizes = sorted(len(group.layers) for group in groups.values())
-    layers = fields["num_hidden_layers"]
+    layers = OTHER_ARCHITECTURES[arch]["num_hidden_layers"]
     gated = arch != "starcoder2"  # mixtral's experts are switch layers
     assert sizes == [2] * (layers if gated and arch != "mixtral" else 0) + [3] * layers
 
-    def logits_of_steps():
-        cache = make_prompt_cache(model)
-        out = [model(mx.array([[1, 5, 9, 33, 7, 2]]), cache=cache)[:, -1]]
-        for token in (17, 200, 3):
-            out.append(model(mx.array([[token]]), cache=cache)[:, -1])
-        return mx.concatenate(out)
-
-    fused = logits_of_steps()
+    fused = logits_of_steps(model)
     assert all(group.run is not None for group in groups.values())
     monkeypatch.setattr(affine, "LAYER_FUSE_SIBLINGS", False)
     _kernels.clear_plans()
-    assert mx.array_equal(fused, logits_of_steps()).item()
+    assert mx.array_equal(fused, logits_of_steps(model)).item()
 
 
 @pytest.mark.gpu
