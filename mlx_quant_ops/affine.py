@@ -1490,16 +1490,16 @@ def _triples(flat) -> list:
     return [tuple(flat[i : i + 3]) for i in range(0, len(flat), 3)]
 
 
-def _fused_quantized_matmul_reference(x, *flat, group_size, bits):
-    return tuple(
-        _quantized_matmul_reference(x, w, scales, biases, True, group_size, bits)
-        for w, scales, biases in _triples(flat)
-    )
+def _fused_dtype(x, flat) -> mx.Dtype:
+    """The dtype of ``fused_quantized_matmul``'s outputs: the promotion of
+    ``x``'s and every scale's and bias's (``flat`` as ``_triples`` takes)."""
+    return _result_dtype(x.dtype, *(a.dtype for i, a in enumerate(flat) if i % 3))
 
 
 def _fused_quantized_matmul_cpu(x, *flat, group_size, bits):
-    # Each product as quantized_matmul's CPU path runs it, so a layer's
-    # output is the same fused or not.
+    # The reference path: each product as quantized_matmul's runs it (its
+    # reference, or MLX's CPU kernel for a few rows), so a layer's output is
+    # the same fused or not.
     return tuple(
         _quantized_matmul_cpu(x, w, scales, biases, True, group_size, bits)
         for w, scales, biases in _triples(flat)
@@ -1696,14 +1696,12 @@ def _plan_fused_quantized_matmul(stream, x, *flat_and_options):
     op = "fused_quantized_matmul"
     *flat, group_size, bits, mode = flat_and_options
     group_size, bits = _format(op, group_size, bits, mode)
-    dtypes = [x.dtype if isinstance(x, mx.array) else None]
     for i, (w, scales, biases) in enumerate(_triples(flat)):
         _check_matmul(
             op, x, w, scales, biases, True, group_size, bits, f"weights[{i}] "
         )
         check.ndim(op, f"weights[{i}] w", w, exactly=2)
-        dtypes += [scales.dtype, biases.dtype]
-    dtype = _result_dtype(*dtypes)
+    dtype = _fused_dtype(x, flat)
     vector = x.ndim == 1
     fn = _differentiable_fused_quantized_matmul(group_size, bits, StreamKey(stream))
 
@@ -1859,7 +1857,7 @@ def _layer_fused_quantized_matmul(x, flat, group_size, bits) -> Optional[object]
         and 0 < x.size <= _QMV_MMA_MAX_ROWS * x.shape[-1]
     ):
         return None
-    dtype = _result_dtype(x.dtype, *(a.dtype for i, a in enumerate(flat) if i % 3))
+    dtype = _fused_dtype(x, flat)
     stream = mx.default_stream(mx.default_device())
     n_rows = [w.shape[0] for w in flat[::3]]
     rows = x.size // x.shape[-1]

@@ -532,8 +532,10 @@ class _Siblings:
     outputs with the input; the others, called on that same input object,
     take theirs. A call on any other input, or where the launch does not
     apply, runs the layer's own path. The outputs depend only on the input
-    and the layers' arrays, and replacing an array of a layer drops them
-    (``_PlannedCalls._forget_replays``), so a kept output is never stale.
+    and the layers' arrays, and replacing an array of a layer through the
+    module (assignment, ``update``, ``load_weights``) drops them
+    (``_PlannedCalls._forget_replays``); a new input reads the arrays
+    afresh and compares them with the plan's.
 
     The plan (``run``) is kept with what it was made for: the input's shape
     and dtype, the layers' arrays by identity, the step's key (which
