@@ -1825,23 +1825,28 @@ def _layer_quantized_matmul(
     return y, LayerReplay(run, x, w, scales, biases, group_size, bits)
 
 
-# Whether mlx_quant_ops.nn's sibling layers fuse their decode calls (see
-# _layer_fused_quantized_matmul); tests of the single calls' hand-over turn
-# it off.
+# Whether mlx_quant_ops.nn's grouped sibling layers (patch(...,
+# fuse_siblings=True)) fuse their decode calls (see
+# _layer_fused_quantized_matmul); tests turn it off to compare a grouped
+# model's fused steps with its single calls.
 LAYER_FUSE_SIBLINGS = True
 
 
 def _layer_fused_quantized_matmul(x, flat, group_size, bits) -> Optional[object]:
     """The planned function of ``(x, w0, scales0, biases0, w1, ...)`` that
     runs sibling linear layers' calls on ``x`` (layers of one module that
-    read the same input, grouped by ``mlx_quant_ops.nn.patch``) as one
-    :func:`fused_quantized_matmul` launch, or None where they run one by
-    one. On the CUDA path (where :func:`layer_decode_on_builtin` hands
-    single calls over) a decode step is bound by the host, and each graph
-    node costs it several microseconds (H100 host, 2026-12-05,
-    scripts/node_costs.py: 2.1 µs to build and 6.9 µs to encode MLX's
-    quantized_matmul, 0.1 µs more in a custom function): one launch for a
-    q|k|v triple saves two of three nodes, for a gate|up pair one of two.
+    read the same input, grouped by ``mlx_quant_ops.nn.patch(model,
+    fuse_siblings=True)``) as one :func:`fused_quantized_matmul` launch, or
+    None where they run one by one. On the CUDA path (where
+    :func:`layer_decode_on_builtin` hands single calls over) a decode step
+    is bound by the host, and each graph node costs it several
+    microseconds (H100 host, 2026-12-05, scripts/node_costs.py: 2.1 µs to
+    build and 6.9 µs to encode MLX's quantized_matmul): one launch for a
+    q|k|v triple takes two of three nodes out, for a gate|up pair one of
+    two. But the fused call's own node cost more than that in a model's
+    step (scripts/step_profile.py, same day: a kept group's call took about
+    27 µs of build, three handed-over calls about 8 µs each), which is why
+    patch groups nothing unless asked.
 
     Args:
         x (mlx.core.array): the layers' input.

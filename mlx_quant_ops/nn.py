@@ -525,7 +525,7 @@ SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 class _Siblings:
     """Linear layers of one module that read the same input, grouped by
-    :func:`patch` (:data:`SIBLINGS`): inside a patched model's step on the
+    ``patch(model, fuse_siblings=True)`` (:data:`SIBLINGS`): inside a patched model's step on the
     CUDA path, the first of them called on a decode-sized input runs
     :func:`mlx_quant_ops.fused_quantized_matmul` for all of them in one
     launch (see ``affine._layer_fused_quantized_matmul``) and keeps the
@@ -704,7 +704,7 @@ def _new_stepped(cls: type) -> nn.Module:
     return stepped.__new__(stepped)
 
 
-def patch(model: nn.Module) -> nn.Module:
+def patch(model: nn.Module, *, fuse_siblings: bool = False) -> nn.Module:
     """Swap a model's MLX quantized layers for this package's, in place.
 
     Every ``mlx.nn.QuantizedLinear``, ``mlx.nn.QuantizedEmbedding`` and
@@ -731,9 +731,22 @@ def patch(model: nn.Module) -> nn.Module:
     step having checked the path once as it began. A layer called on its
     own, outside the model, checks everything, as before.
 
+    With ``fuse_siblings``, each module's :data:`SIBLINGS` (q|k|v, gate|up)
+    are grouped so that their decode calls inside a step on CUDA run as one
+    :func:`mlx_quant_ops.fused_quantized_matmul` launch (see
+    :class:`_Siblings`). That is off by default: it takes kernel nodes out
+    of each step, but on MLX 0.32.4's CUDA backend the fused call's one
+    node (a compiled replay of a custom function around a kernel of ten
+    inputs) cost the host more than the two or three ``quantized_matmul``
+    nodes it replaced, and models decoded slower fused (H100, 2026-12-05,
+    ours / MLX's layers: Llama-3.2-1B shape 1.219 against 1.061 unfused,
+    Llama-3-8B shape 1.103 against 0.983; docs/benchmarks.md).
+
     Args:
         model (mlx.nn.Module): a model, typically from ``mlx_lm.load`` or
             after ``mlx.nn.quantize``.
+        fuse_siblings (bool, optional): group sibling projections for fused
+            decode launches. Default: ``False``.
 
     Returns:
         mlx.nn.Module: ``model`` itself, patched. If ``model`` is itself one
@@ -744,6 +757,14 @@ def patch(model: nn.Module) -> nn.Module:
         check.fail(
             "nn.patch", "model", "an mlx.nn.Module", type(model).__name__, TypeError
         )
+    if not isinstance(fuse_siblings, bool):
+        check.fail(
+            "nn.patch",
+            "fuse_siblings",
+            "a bool",
+            type(fuse_siblings).__name__,
+            TypeError,
+        )
     replacement = _patched(model)
     if replacement is not model:
         return replacement
@@ -751,7 +772,8 @@ def patch(model: nn.Module) -> nn.Module:
         lambda _, m: _patched(m), model.leaf_modules(), is_leaf=nn.Module.is_module
     )
     model.update_modules(leaves)
-    _group_siblings(model)
+    if fuse_siblings:
+        _group_siblings(model)
     if callable(model):
         object.__setattr__(model, "__class__", _stepped(type(model)))
     return model

@@ -2,12 +2,13 @@
 # One device call's worth of checks, in the order that makes the most of a
 # cold machine: the GPU test suite first (its parallel groups fill the PTX
 # cache, so the timed runs after it do not pay NVRTC), then the end-to-end
-# rows as the package is, with the sibling projections unfused (unfused:
-# each q|k|v and gate|up call its own node, as before the thirty-fourth
-# session; never measured against current yet), and with MLX's own __call__
+# rows as the package is, with the sibling projections fused (fused:
+# patch(..., fuse_siblings=True), off by default since the thirty-fifth
+# session, when it measured slower), and with MLX's own __call__
 # in every Llama layer of ours (mlx-all, the A/A control: what the
 # benchmark reads for identical code). e2e_variants.py has more
-# (fewer-nodes, no-steps, concat-builtin, uncompiled-plans, ...). The tests
+# (fewer-nodes, no-steps, concat-builtin, uncompiled-plans, ...), and
+# scripts/step_profile.py profiles a step's build fused and not. The tests
 # take about 300 s and a variant 70-150 s, so a 600 s call may end inside
 # the variants: give it the 600 s limit, and run the rest in a second call
 # with TESTS=0 and VARIANTS naming them. Run from the repository root:
@@ -29,7 +30,7 @@ if [ "${TESTS:-1}" != 0 ]; then
     cat "$log"
   done > "$out/gpu_all.txt"
 fi
-variants=${VARIANTS:-current unfused mlx-all}
+variants=${VARIANTS:-current fused mlx-all}
 for variant in $variants; do
   start=$(date +%s)
   timeout 150 python scripts/e2e_variants.py "$variant" "/tmp/e2e_$variant.json" \

@@ -1224,9 +1224,8 @@ def test_decode_steps_replay_on_the_cuda_path(monkeypatch, arch):
 
 def llama_handed_over(monkeypatch):
     """A float16 4-bit Llama whose every decode call and lookup goes to
-    MLX's built-ins on CUDA (its sibling projections unfused), with its two
-    layer sets, MLX's and ours (patched), for ``model.update_modules``."""
-    monkeypatch.setattr(affine, "LAYER_FUSE_SIBLINGS", False)
+    MLX's built-ins on CUDA, with its two layer sets, MLX's and ours
+    (patched), for ``model.update_modules``."""
     monkeypatch.setattr(affine, "LAYER_BUILTIN_DECODE_BELOW", {4: 1 << 40})
     monkeypatch.setattr(
         affine, "LAYER_BUILTIN_LOOKUP_ROWS", MEASURED_BUILTIN_LOOKUP_ROWS
@@ -1235,14 +1234,15 @@ def llama_handed_over(monkeypatch):
     return model, {"theirs": theirs, "ours": model.leaf_modules()}
 
 
-def patched_half_llama():
-    """A float16 4-bit Llama, patched, and MLX's layer set for it."""
+def patched_half_llama(fuse_siblings=False):
+    """A float16 4-bit Llama, patched (with ``fuse_siblings``), and MLX's
+    layer set for it."""
     model = random_model("llama")
     model.set_dtype(mx.float16)
     nn.quantize(model, 64, 4)
     mx.eval(model.parameters())
     theirs = model.leaf_modules()
-    mqo.nn.patch(model)
+    mqo.nn.patch(model, fuse_siblings=fuse_siblings)
     return model, theirs
 
 
@@ -1632,12 +1632,39 @@ def fused_llama(monkeypatch):
     compute the same thing the same way. Also MLX's layer set."""
     monkeypatch.setattr(affine, "backend", lambda stream: "cuda")
     monkeypatch.setattr(affine, "LAYER_BUILTIN_DECODE_BELOW", {})
-    return patched_half_llama()
+    return patched_half_llama(fuse_siblings=True)
+
+
+def test_patch_groups_siblings_only_when_asked(monkeypatch):
+    """By default patch leaves every linear layer on its own (the fused
+    launch cost a GPU host more than it saved); ``fuse_siblings=True``
+    groups q|k|v and gate|up, also on a model patched before; anything but
+    a bool is refused before the model changes."""
+    model, theirs = patched_half_llama()
+    linears = [m for _, m in model.named_modules() if isinstance(m, nn.QuantizedLinear)]
+    assert linears and all(
+        type(m) is mqo.nn.QuantizedLinear and m._siblings is None for m in linears
+    )
+    layer = model.model.layers[0]
+    for fuse in (1, "yes", None):
+        with pytest.raises(TypeError, match=r"nn\.patch.*fuse_siblings.*bool"):
+            mqo.nn.patch(model, fuse_siblings=fuse)
+    assert layer.self_attn.q_proj._siblings is None
+    mqo.nn.patch(model, fuse_siblings=True)
+    assert layer.self_attn.q_proj._siblings[0].layers == (
+        layer.self_attn.q_proj,
+        layer.self_attn.k_proj,
+        layer.self_attn.v_proj,
+    )
+    assert layer.mlp.gate_proj._siblings[0].layers == (
+        layer.mlp.gate_proj,
+        layer.mlp.up_proj,
+    )
 
 
 def test_sibling_projections_fuse_in_steps(monkeypatch):
-    """patch groups each attention's q|k|v projections and each MLP's
-    gate|up projections; in a decode step on the CUDA path each group runs
+    """``patch(model, fuse_siblings=True)`` groups each attention's q|k|v
+    projections and each MLP's gate|up projections; in a decode step on the CUDA path each group runs
     as one fused call, which computes what the single calls compute, bit
     for bit, and MLX's layers' logits within float16's error. Replacing a
     layer's weight drops the group's kept outputs."""
@@ -1734,7 +1761,7 @@ def test_sibling_projections_fuse_in_other_architectures(monkeypatch, arch):
     layers, bit for bit."""
     monkeypatch.setattr(affine, "backend", lambda stream: "cuda")
     monkeypatch.setattr(affine, "LAYER_BUILTIN_DECODE_BELOW", {})
-    model = mqo.nn.patch(other_architecture(arch, mx.float16))
+    model = mqo.nn.patch(other_architecture(arch, mx.float16), fuse_siblings=True)
     groups = {
         id(m._siblings[0]): m._siblings[0]
         for _, m in model.named_modules()
@@ -1759,7 +1786,7 @@ def test_sibling_projections_fuse_on_the_gpu(monkeypatch):
     error, with the same greedy tokens."""
     if mqo.backend() != "cuda":
         pytest.skip("the fused launch is the CUDA path's")
-    model, theirs = patched_half_llama()
+    model, theirs = patched_half_llama(fuse_siblings=True)
     ours = model.leaf_modules()
     tokens = [5, 77, 300, 12, 9]
     expected = decode_logits(model, theirs, tokens)

@@ -1,0 +1,105 @@
+"""Where a patched model's decode step spends the host's time, with the
+sibling projections fused (``mqo.nn.patch(model, fuse_siblings=True)``)
+and not, on one of the benchmark's models (by default the Llama-3.2-1B
+shape, whose every decode call goes to MLX's op on a GPU host unless
+fused)::
+
+    python scripts/step_profile.py [--steps 40] [--rounds 6] [--model 1b|8b|tiny]
+
+Each round times both settings in turns (build, ``mx.async_eval`` encode,
+each step's graph evaluated before the next is built so the device is
+idle), then prints medians, and a profile of each setting's builds (the
+Python functions that took the most time of their own).
+"""
+
+import argparse
+import cProfile
+import io
+import pstats
+import statistics
+import time
+
+import mlx.core as mx
+from mlx_lm.models.cache import make_prompt_cache
+
+from mlx_quant_ops import nn as mqo_nn
+from mlx_quant_ops.bench.decode_cases import (
+    FULL_MODELS,
+    QUICK_MODELS,
+    model_and_layer_sets,
+)
+
+MODELS = {"8b": FULL_MODELS[0], "1b": FULL_MODELS[1], "tiny": QUICK_MODELS[0]}
+
+
+def set_fusion(model, on: bool) -> None:
+    """Group the model's sibling projections afresh (``patch(model,
+    fuse_siblings=True)``), or leave every layer on its own as ``patch``
+    does by default."""
+    for _, module in model.named_modules():
+        if isinstance(module, mqo_nn.QuantizedLinear):
+            object.__setattr__(module, "_siblings", None)
+    if on:
+        mqo_nn.patch(model, fuse_siblings=True)
+
+
+def steps(model, prompt, count, profile=None):
+    """Build, encode and run ``count`` decode steps; the build and encode
+    seconds of each."""
+    cache = make_prompt_cache(model)
+    token = mx.argmax(model(prompt[None], cache=cache)[0, -1])
+    mx.eval(token)
+    builds, encodes = [], []
+    for _ in range(count):
+        start = time.perf_counter()
+        if profile is not None:
+            profile.enable()
+        logits = model(token.reshape(1, 1), cache=cache)
+        token = mx.argmax(logits[0, -1])
+        if profile is not None:
+            profile.disable()
+        built = time.perf_counter()
+        mx.async_eval(token)
+        encoded = time.perf_counter()
+        mx.eval(token)
+        builds.append(built - start)
+        encodes.append(encoded - built)
+    return builds, encodes
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--model", choices=sorted(MODELS), default="1b")
+    args = parser.parse_args()
+    name, module, fields = MODELS[args.model]
+    model, _ = model_and_layer_sets(module, fields)
+    prompt = mx.random.randint(0, fields["vocab_size"], (32,))
+    print(name, "device", mx.default_device(), "MLX", mx.__version__)
+    times = {on: ([], []) for on in (True, False)}
+    for round_ in range(args.rounds + 1):
+        for on in (True, False) if round_ % 2 else (False, True):
+            set_fusion(model, on)
+            builds, encodes = steps(model, prompt, args.steps)
+            if round_:
+                times[on][0].extend(builds)
+                times[on][1].extend(encodes)
+    for on, (builds, encodes) in times.items():
+        print(
+            f"fused={on}: build {statistics.median(builds) * 1e6:.1f} µs,"
+            f" encode {statistics.median(encodes) * 1e6:.1f} µs a step (median)"
+        )
+    for on in (True, False):
+        set_fusion(model, on)
+        steps(model, prompt, 4)
+        profile = cProfile.Profile()
+        steps(model, prompt, args.steps, profile)
+        text = io.StringIO()
+        pstats.Stats(profile, stream=text).sort_stats("tottime").print_stats(16)
+        print(f"== profile of {args.steps} builds, fused={on}")
+        print("\n".join(text.getvalue().splitlines()[6:30]))
+
+
+if __name__ == "__main__":
+    main()
