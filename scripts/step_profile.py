@@ -6,10 +6,13 @@ fused)::
 
     python scripts/step_profile.py [--steps 40] [--rounds 6] [--model 1b|8b|tiny]
 
-Each round times both settings in turns (build, ``mx.async_eval`` encode,
-each step's graph evaluated before the next is built so the device is
-idle), then prints medians, and a profile of each setting's builds (the
-Python functions that took the most time of their own).
+Settings: MLX's layers (``mlx``), ours as ``patch`` leaves them
+(``ours``), ours with sibling groups (``fused``). Each round times every
+setting in turns (build, ``mx.async_eval`` encode, each step's graph
+evaluated before the next is built so the device is idle); then it prints
+medians, and a profile of each setting's builds (the Python functions that
+took the most time of their own; a C++ call, such as a compiled replay,
+counts in its caller's).
 """
 
 import argparse
@@ -67,6 +70,19 @@ def steps(model, prompt, count, profile=None):
     return builds, encodes
 
 
+SETTINGS = ("mlx", "ours", "fused")
+
+
+def use(model, layer_sets, setting: str) -> None:
+    """Put ``setting``'s layers in the model: MLX's (``mlx``), ours as
+    ``patch`` leaves them (``ours``), or ours with sibling groups
+    (``fused``)."""
+    model.update_modules(layer_sets["ours"])
+    set_fusion(model, setting == "fused")
+    if setting == "mlx":
+        model.update_modules(layer_sets["builtin"])
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=40)
@@ -74,31 +90,33 @@ def main():
     parser.add_argument("--model", choices=sorted(MODELS), default="1b")
     args = parser.parse_args()
     name, module, fields = MODELS[args.model]
-    model, _ = model_and_layer_sets(module, fields)
+    model, layer_sets = model_and_layer_sets(module, fields)
     prompt = mx.random.randint(0, fields["vocab_size"], (32,))
     print(name, "device", mx.default_device(), "MLX", mx.__version__)
-    times = {on: ([], []) for on in (True, False)}
+    times = {setting: ([], []) for setting in SETTINGS}
     for round_ in range(args.rounds + 1):
-        for on in (True, False) if round_ % 2 else (False, True):
-            set_fusion(model, on)
+        # Each setting in each place of the order, round by round.
+        shift = round_ % len(SETTINGS)
+        for setting in SETTINGS[shift:] + SETTINGS[:shift]:
+            use(model, layer_sets, setting)
             builds, encodes = steps(model, prompt, args.steps)
             if round_:
-                times[on][0].extend(builds)
-                times[on][1].extend(encodes)
-    for on, (builds, encodes) in times.items():
+                times[setting][0].extend(builds)
+                times[setting][1].extend(encodes)
+    for setting, (builds, encodes) in times.items():
         print(
-            f"fused={on}: build {statistics.median(builds) * 1e6:.1f} µs,"
+            f"{setting}: build {statistics.median(builds) * 1e6:.1f} µs,"
             f" encode {statistics.median(encodes) * 1e6:.1f} µs a step (median)"
         )
-    for on in (True, False):
-        set_fusion(model, on)
+    for setting in SETTINGS:
+        use(model, layer_sets, setting)
         steps(model, prompt, 4)
         profile = cProfile.Profile()
         steps(model, prompt, args.steps, profile)
         text = io.StringIO()
         pstats.Stats(profile, stream=text).sort_stats("tottime").print_stats(16)
-        print(f"== profile of {args.steps} builds, fused={on}")
-        print("\n".join(text.getvalue().splitlines()[6:30]))
+        print(f"== profile of {args.steps} builds, {setting}")
+        print("\n".join(text.getvalue().splitlines()[4:30]))
 
 
 if __name__ == "__main__":
