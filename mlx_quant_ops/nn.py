@@ -525,12 +525,12 @@ SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 class _Siblings:
     """Linear layers of one module that read the same input, grouped by
-    ``patch(model, fuse_siblings=True)`` (:data:`SIBLINGS`): inside a patched model's step on the
-    CUDA path, the first of them called on a decode-sized input runs
-    :func:`mlx_quant_ops.fused_quantized_matmul` for all of them in one
-    launch (see ``affine._layer_fused_quantized_matmul``) and keeps the
-    outputs with the input; the others, called on that same input object,
-    take theirs. A call on any other input, or where the launch does not
+    ``patch(model, fuse_siblings=True)`` (:data:`SIBLINGS`): inside a
+    patched model's step on the CUDA path, the first of them called on a
+    decode-sized input runs :func:`mlx_quant_ops.fused_quantized_matmul`
+    for all of them in one launch (see
+    ``affine._layer_fused_quantized_matmul``) and keeps the outputs with
+    the input; the others, called on that same input object, take theirs. A call on any other input, or where the launch does not
     apply, runs the layer's own path. The outputs depend only on the input
     and the layers' arrays, and replacing an array of a layer through the
     module (assignment, ``update``, ``load_weights``) drops them
