@@ -530,8 +530,9 @@ class _Siblings:
     decode-sized input runs :func:`mlx_quant_ops.fused_quantized_matmul`
     for all of them in one launch (see
     ``affine._layer_fused_quantized_matmul``) and keeps the outputs with
-    the input; the others, called on that same input object, take theirs. A call on any other input, or where the launch does not
-    apply, runs the layer's own path. The outputs depend only on the input
+    the input; the others, called on that same input object, take theirs.
+    A call on any other input, or where the launch does not apply, runs
+    the layer's own path. The outputs depend only on the input
     and the layers' arrays, and replacing an array of a layer through the
     module (assignment, ``update``, ``load_weights``) drops them
     (``_PlannedCalls._forget_replays``); a new input reads the arrays
