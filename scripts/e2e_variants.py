@@ -6,7 +6,11 @@ repository root)::
 
 Variants: ``current`` (the package as it is); ``lower-limits`` (2- to
 6-bit hand-over limits at 2**24 values and 8-bit at 2**25, so 4096x4096
-and 8192x2048 weights run our kernels); ``mlx-call`` (our linear layers
+and 8192x2048 weights run our kernels); ``all-handed-over`` (every
+decode call of a linear layer goes to MLX's op, the head too: on the
+Llama-3.2-1B shape only the tied head changes, so against ``mlx-call``
+it tells the head's share of that row's gap from the hand-over calls');
+``mlx-call`` (our linear layers
 run MLX's own ``QuantizedLinear.__call__``, tied heads too: what is left
 of the difference is outside the linear layers' calls); ``mlx-embed``
 (our embedding lookups run MLX's own ``QuantizedEmbedding.__call__``);
@@ -180,6 +184,9 @@ VARIANTS = {
     "current": lambda: None,
     "lower-limits": lambda: affine.LAYER_BUILTIN_DECODE_BELOW.update(
         {2: 1 << 24, 3: 1 << 24, 4: 1 << 24, 5: 1 << 24, 6: 1 << 24, 8: 1 << 25}
+    ),
+    "all-handed-over": lambda: affine.LAYER_BUILTIN_DECODE_BELOW.update(
+        {bits: 1 << 40 for bits in affine.LAYER_BUILTIN_DECODE_BELOW}
     ),
     "mlx-call": _mlx_linear_call,
     "mlx-embed": _mlx_embedding_call,
