@@ -1145,6 +1145,26 @@ def _qmv_launcher(
     )
 
 
+# Whether the streamed mat-vec's persistent grid deals its tiles evenly
+# (see _qmv_stream_blocks); off, it takes every block that fits.
+_QMV_STREAM_EVEN_TILES = True
+
+
+def _qmv_stream_blocks(tiles: int) -> int:
+    """Blocks of the streamed mat-vec's persistent grid for ``tiles``
+    16-row tiles: at most :data:`_QMV_STREAM_BLOCKS_PER_SM` an SM, and (with
+    :data:`_QMV_STREAM_EVEN_TILES`) no more than the fewest that walk them
+    in as many rounds, so every block walks the same number of tiles, give
+    or take one at the end. 14336 rows are 896 tiles: 264 blocks (two an SM
+    on 132) walk 3.4 rounds, and the 104 that walk a fourth leave the rest
+    of the GPU idle while they do; 224 blocks walk four each."""
+    most = min(tiles, _QMV_STREAM_BLOCKS_PER_SM * _backend.gpu_multiprocessors())
+    if not _QMV_STREAM_EVEN_TILES:
+        return most
+    rounds = -(-tiles // most)
+    return -(-tiles // rounds)
+
+
 def _qmv_stream_launcher(k, n, rows, dtype, group_size, bits, out_shape, stream):
     """The streamed mat-vec (Hopper): ``out = x @ W.T`` for ``rows`` (at
     most 16) rows of x and one weight, on a persistent grid of at most
@@ -1154,7 +1174,7 @@ def _qmv_stream_launcher(k, n, rows, dtype, group_size, bits, out_shape, stream)
         bits, group_size, dtype.size, rows * k * dtype.size
     )
     tiles = ceil_to(n, _QMV_MMA_ROWS) // _QMV_MMA_ROWS
-    blocks = min(tiles, _QMV_STREAM_BLOCKS_PER_SM * _backend.gpu_multiprocessors())
+    blocks = _qmv_stream_blocks(tiles)
     threads = (_QMV_STREAM_WARPS + 1) * _SIMD
     return Launcher(
         _QMV_STREAM,

@@ -1434,6 +1434,29 @@ def test_dispatcher_picks_kernel_by_shape(monkeypatch):
     for bits in (2, 3, 5, 6):
         assert picked(stream_qmm(1, bits=bits)) == [("affine_qmv_stream", 8)]
 
+    # Its persistent grid deals the 16-row tiles evenly: on 132 SMs (two
+    # blocks an SM at most) 14336 rows (896 tiles) take 224 blocks of four
+    # tiles, not 264 of which 104 walk a fourth; 4096 rows take a block a
+    # tile. Each block's share, by the kernel's walk (tile = block, block +
+    # grid, ...), is the same give or take one.
+    monkeypatch.setattr(mqo.affine._backend, "gpu_multiprocessors", lambda: 132)
+    mqo._kernels.clear_plans()
+    threads = (mqo.affine._QMV_STREAM_WARPS + 1) * 32
+    for n, blocks in ((14336, 224), (4096, 256), (128256, 259), (11008, 230)):
+        (launch,) = record_launches(stream_qmm(1, n=n))
+        assert launch.kernel.name == "affine_qmv_stream"
+        assert launch.grid == (blocks * threads, 1, 1), n
+        tiles = -(-n // 16)
+        shares = {len(range(b, tiles, blocks)) for b in range(blocks)}
+        assert shares <= {tiles // blocks, -(-tiles // blocks)}, n
+        assert -(-tiles // blocks) == -(-tiles // min(tiles, 264)), n
+    monkeypatch.setattr(mqo.affine, "_QMV_STREAM_EVEN_TILES", False)
+    mqo._kernels.clear_plans()
+    (launch,) = record_launches(stream_qmm(1, n=14336))
+    assert launch.grid == (264 * threads, 1, 1)
+    monkeypatch.setattr(mqo.affine, "_QMV_STREAM_EVEN_TILES", True)
+    mqo._kernels.clear_plans()
+
     # The register-batch mat-vec's warps, trip length and run: 8 warps and
     # two-unit trips for a few blocks (more x rows: only for K past 12288,
     # under 8 bits and under 16 rows), one-unit trips for one row of K past
