@@ -1148,20 +1148,30 @@ def _qmv_launcher(
 # Whether the streamed mat-vec's persistent grid deals its tiles evenly
 # (see _qmv_stream_blocks); off, it takes every block that fits.
 _QMV_STREAM_EVEN_TILES = True
+# ... where the filled grid's last round would leave the GPU this idle or
+# more: its rounds times its blocks at least this much above the tiles.
+_QMV_STREAM_EVEN_MIN_IDLE = 0.1
 
 
 def _qmv_stream_blocks(tiles: int) -> int:
     """Blocks of the streamed mat-vec's persistent grid for ``tiles``
-    16-row tiles: at most :data:`_QMV_STREAM_BLOCKS_PER_SM` an SM, and (with
-    :data:`_QMV_STREAM_EVEN_TILES`) no more than the fewest that walk them
-    in as many rounds, so every block walks the same number of tiles, give
-    or take one at the end. 14336 rows are 896 tiles: 264 blocks (two an SM
-    on 132) walk 3.4 rounds, and the 104 that walk a fourth leave the rest
-    of the GPU idle while they do; 224 blocks walk four each."""
+    16-row tiles: at most :data:`_QMV_STREAM_BLOCKS_PER_SM` an SM. Where
+    the tiles do not fill the last round of such a grid well, the fewest
+    blocks that walk them in as many rounds, each block the same number
+    give or take one. On an H100 (132 SMs, 2026-12-05,
+    scripts/stream_blocks.py, q4 one row, µs a call filled / even): 14336
+    rows, 896 tiles, 264 blocks of which 104 walk a fourth tile, against
+    224 blocks of four: 16.8 / 15.0 (g32 18.0 / 15.9, g128 16.1 / 14.3, 2
+    to 6 bits 0.2-0.6 faster); 11008 rows (688 tiles, 230 blocks) 13.8 /
+    12.0. Where the last round was nearly full the fewer blocks did not pay:
+    28672x8192 (7 rounds, 3% idle) 46.3 / 46.4, 128256x4096 (31 rounds, 2%
+    idle) 99.6 / 100.4; hence :data:`_QMV_STREAM_EVEN_MIN_IDLE`."""
     most = min(tiles, _QMV_STREAM_BLOCKS_PER_SM * _backend.gpu_multiprocessors())
-    if not _QMV_STREAM_EVEN_TILES:
-        return most
     rounds = -(-tiles // most)
+    if not _QMV_STREAM_EVEN_TILES or rounds * most < tiles * (
+        1 + _QMV_STREAM_EVEN_MIN_IDLE
+    ):
+        return most
     return -(-tiles // rounds)
 
 

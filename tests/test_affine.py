@@ -272,19 +272,27 @@ def test_quantized_matmul_streamed_decode(path, monkeypatch, dtype, bits, group_
     # other decode kernels): K a multiple of 8 groups spanning one full
     # chunk and a shorter last one, N not a multiple of the 16-row tile,
     # and a grid of two blocks, so each block walks several tiles and
-    # refills its stage buffers many times; one and two n8 tiles of x.
+    # refills its stage buffers many times, then of four blocks dealt two
+    # tiles each (three SMs' six would leave the last round idle); one and
+    # two n8 tiles of x.
     # A staged x row is put in pair order in a second copy where the stage
     # buffers leave room for one, else in place: single rows at the
     # shortest K that takes each way the row above did not cover both.
     _stream_everything(monkeypatch)
-    monkeypatch.setattr(mqo.affine._backend, "gpu_multiprocessors", lambda: 1)
     chunk, _, _ = mqo.affine._qmv_stream_geometry(bits, group_size, dtype.size)
     n, k = 101, chunk + 8 * group_size
     kind = KINDS[(bits + group_size) % len(KINDS)]
     w_q, scales, biases = _weights((n, k), dtype, group_size, bits, kind, bits)
-    for m in (1, 11):
-        x = _x((m, k), dtype, seed=m + bits)
-        _check_matmul(x, w_q, scales, biases, True, group_size, bits, f"m={m}")
+    for sms, blocks in ((1, 2), (3, 4)):
+        monkeypatch.setattr(
+            mqo.affine._backend, "gpu_multiprocessors", lambda sms=sms: sms
+        )
+        mqo._kernels.clear_plans()
+        assert mqo.affine._qmv_stream_blocks(-(-n // 16)) == blocks
+        for m in (1, 11):
+            x = _x((m, k), dtype, seed=m + bits)
+            where = f"m={m}, {blocks} blocks"
+            _check_matmul(x, w_q, scales, biases, True, group_size, bits, where)
 
     def layout(k):
         return mqo.affine._qmv_stream_layout(
@@ -329,6 +337,30 @@ def test_quantized_matmul_streamed_decode_misaligned_views(path, monkeypatch, bi
     for x in (_x((3, k), dtype, seed=bits), _x((1, k), dtype, seed=bits)):
         x = _at_odd_offset(x, 1)
         _check_matmul(x, *views, True, group_size, bits, "misaligned")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bits", (3, 4))
+def test_quantized_matmul_streamed_decode_on_the_gpus_grid(bits):
+    # A model-sized one-row decode with the GPU's own SM count: 11008 rows
+    # are 688 tiles, which the streamed mat-vec deals over 230 blocks of
+    # three on 132 SMs (where 264 blocks, two an SM, would leave its last
+    # round 15% idle). Against float64 and MLX's own product.
+    dtype, group_size, n, k = mx.float16, 64, 11008, 4096
+    stream = mx.default_stream(mx.gpu)
+    if mqo._backend.gpu_backend() != "cuda" or not mqo.affine._qmv_stream_fits(
+        stream, dtype, 1, n, k, bits, group_size
+    ):
+        pytest.skip("the streamed mat-vec runs on Hopper GPUs")
+    tiles = n // 16
+    most = 2 * mqo.affine._backend.gpu_multiprocessors()
+    blocks = mqo.affine._qmv_stream_blocks(tiles)
+    assert -(-tiles // blocks) == -(-tiles // most)
+    if most == 264:
+        assert blocks == 230
+    w_q, scales, biases = _weights((n, k), dtype, group_size, bits, seed=bits)
+    x = _x((1, k), dtype, seed=bits)
+    _check_matmul(x, w_q, scales, biases, True, group_size, bits, f"{blocks} blocks")
 
 
 def test_quantized_matmul_decode_runs_of_a_misaligned_weight(path):
@@ -1434,15 +1466,17 @@ def test_dispatcher_picks_kernel_by_shape(monkeypatch):
     for bits in (2, 3, 5, 6):
         assert picked(stream_qmm(1, bits=bits)) == [("affine_qmv_stream", 8)]
 
-    # Its persistent grid deals the 16-row tiles evenly: on 132 SMs (two
-    # blocks an SM at most) 14336 rows (896 tiles) take 224 blocks of four
-    # tiles, not 264 of which 104 walk a fourth; 4096 rows take a block a
-    # tile. Each block's share, by the kernel's walk (tile = block, block +
-    # grid, ...), is the same give or take one.
+    # Its persistent grid deals the 16-row tiles evenly where a grid of two
+    # blocks an SM would leave its last round a tenth idle or more: on 132
+    # SMs 14336 rows (896 tiles) take 224 blocks of four tiles, not 264 of
+    # which 104 walk a fourth, and 11008 rows 230 blocks of three; 4096
+    # rows take a block a tile, and 128256 rows (31 rounds, 2% idle) every
+    # block. Each block's share, by the kernel's walk (tile = block, block
+    # + grid, ...), is the same give or take one, in as many rounds.
     monkeypatch.setattr(mqo.affine._backend, "gpu_multiprocessors", lambda: 132)
     mqo._kernels.clear_plans()
     threads = (mqo.affine._QMV_STREAM_WARPS + 1) * 32
-    for n, blocks in ((14336, 224), (4096, 256), (128256, 259), (11008, 230)):
+    for n, blocks in ((14336, 224), (11008, 230), (4096, 256), (128256, 264)):
         (launch,) = record_launches(stream_qmm(1, n=n))
         assert launch.kernel.name == "affine_qmv_stream"
         assert launch.grid == (blocks * threads, 1, 1), n
