@@ -1,14 +1,14 @@
-"""The streamed mat-vec's persistent grid, dealt evenly or filled
-(``affine._QMV_STREAM_EVEN_TILES``), timed in turns in one process on a
-Hopper GPU, with the benchmark's protocol (independent calls in one
-``mx.eval``, six rotating weight sets)::
+"""The streamed mat-vec's persistent grid, filled (two blocks an SM) or as
+the package deals it (``affine._qmv_stream_blocks``: evenly where the
+filled grid's last round would be a tenth idle or more), timed in turns in
+one process on a Hopper GPU with the benchmark's protocol (independent
+calls in one ``mx.eval``, six rotating weight sets)::
 
     python scripts/stream_blocks.py [--rounds 6]
 
-A filled grid takes two blocks an SM; when its tiles do not divide evenly,
-the blocks that walk one tile more finish last (14336 rows: 104 of 264
-blocks walk a fourth tile). The even grid walks as many rounds with fewer
-blocks. Prints, per shape, the median µs a call of each setting and MLX's.
+``affine._QMV_STREAM_EVEN_TILES`` switches between the two. Prints, per
+shape, the median µs a call of each setting (range in brackets) and MLX's.
+The thirty-sixth session's run is in docs/benchmarks.md.
 """
 
 import argparse
@@ -55,17 +55,17 @@ def main():
         def builtin(i):
             return mx.quantized_matmul(x, *sets[i], group_size=group_size, bits=bits)
 
-        times = {"filled": [], "even": []}
+        times = {"filled": [], "dealt": []}
         for round_ in range(args.rounds):
             for setting in in_turns(times, round_):
-                affine._QMV_STREAM_EVEN_TILES = setting == "even"
+                affine._QMV_STREAM_EVEN_TILES = setting == "dealt"
                 _kernels.clear_plans()
                 times[setting].append(time_op(ours))
         affine._QMV_STREAM_EVEN_TILES = True
         _kernels.clear_plans()
         tiles = -(-n // 16)
         print(
-            f"q{bits} g{group_size} {n}x{k} ({tiles} tiles, even grid"
+            f"q{bits} g{group_size} {n}x{k} ({tiles} tiles, dealt grid"
             f" {affine._qmv_stream_blocks(tiles)} blocks):"
             + "".join(
                 f" {setting} {statistics.median(values):.1f}"
