@@ -8,10 +8,10 @@ Variants: ``current`` (the package as it is); ``lower-limits`` (2- to
 6-bit hand-over limits at 2**24 values and 8-bit at 2**25, so 4096x4096
 and 8192x2048 weights run our kernels); ``all-handed-over`` (every
 decode call of a linear layer goes to MLX's op, the head too: on the
-Llama-3.2-1B shape only the tied head changes, so against ``mlx-call``
-it tells the head's share of that row's gap from the hand-over calls');
-``mlx-call`` (our linear layers
-run MLX's own ``QuantizedLinear.__call__``, tied heads too: what is left
+Llama-3.2-1B shape only the tied head changes, so against ``current``
+and ``mlx-call`` it tells the head's share of that row's gap from the
+hand-over calls); ``mlx-call`` (our linear layers run MLX's own
+``QuantizedLinear.__call__``, tied heads too: what is left
 of the difference is outside the linear layers' calls); ``mlx-embed``
 (our embedding lookups run MLX's own ``QuantizedEmbedding.__call__``);
 ``mlx-all`` (both: what is left is outside our layers altogether);

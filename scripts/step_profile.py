@@ -29,7 +29,7 @@ import time
 import mlx.core as mx
 from mlx_lm.models.cache import make_prompt_cache
 
-from mlx_quant_ops import affine
+from mlx_quant_ops import _kernels, affine
 from mlx_quant_ops import nn as mqo_nn
 from mlx_quant_ops.bench.decode_cases import (
     FULL_MODELS,
@@ -103,6 +103,8 @@ def use(model, layer_sets, setting: str) -> None:
     affine.LAYER_BUILTIN_DECODE_BELOW.update(
         {bits: 1 << 40 for bits in LIMITS} if setting == "handed" else LIMITS
     )
+    # Layers keep their last call's plan: plan afresh under these limits.
+    _kernels.clear_plans()
     model.update_modules(layer_sets["ours"])
     set_fusion(model, setting == "fused")
     if setting == "mlx":
