@@ -1819,7 +1819,38 @@ def layer_decode_on_builtin(x: mx.array, w: mx.array, bits: int) -> bool:
     return (
         _hands_over_here()
         and 0 < x.size <= LAYER_BUILTIN_DECODE_ROWS * x.shape[-1]
-        and 0 < w.size * WORD_BITS // bits < LAYER_BUILTIN_DECODE_BELOW.get(bits, 0)
+        and _small_for_builtin(w, bits)
+    )
+
+
+def _small_for_builtin(w: mx.array, bits: int) -> bool:
+    """Whether a packed weight (all of it, every head or expert) holds
+    fewer values than :data:`LAYER_BUILTIN_DECODE_BELOW` gives for its
+    width, and any at all."""
+    return 0 < w.size * WORD_BITS // bits < LAYER_BUILTIN_DECODE_BELOW.get(bits, 0)
+
+
+def layer_heads_decode_on_builtin(x: mx.array, w: mx.array, bits: int) -> bool:
+    """Whether a layer of per-head weights (mlx-lm's ``QuantizedMultiLinear``
+    in MLA attention) hands its ``x @ W[h].T`` products to
+    ``mx.quantized_matmul``: as :func:`layer_decode_on_builtin` for a
+    linear layer, with the rows counted per head (a decode step's are one
+    a head) and the weight's values over all heads.
+
+    Args:
+        x (mlx.core.array): the layer's input, ``[..., M, K]``.
+        w (mlx.core.array): the packed weights, ``[H, N, K * bits / 32]``.
+        bits (int): the weights' bits per value.
+
+    Returns:
+        bool: True where MLX's built-in takes the call.
+    """
+    return (
+        _hands_over_here()
+        and x.ndim >= 2
+        and x.size > 0
+        and x.shape[-2] <= LAYER_BUILTIN_DECODE_ROWS
+        and _small_for_builtin(w, bits)
     )
 
 
@@ -1853,6 +1884,46 @@ def _layer_quantized_matmul(
         return y, replay
     y = run(x, w, scales, biases)
     return y, LayerReplay(run, x, w, scales, biases, group_size, bits)
+
+
+def _layer_heads_matmul(
+    x, w, scales, biases, group_size, bits, indices, transpose
+) -> Tuple[mx.array, Optional[LayerReplay]]:
+    """``quantized_matmul(x, w, scales, biases, transpose, ...)`` for a layer
+    of per-head weights ``w [H, N, K * bits / 32]`` (mlx-lm's
+    ``QuantizedMultiLinear``): checked and planned as the op is, its batch
+    dimensions broadcast as the op's. A decode step's products, with
+    ``transpose``, go to ``mx.quantized_matmul`` where
+    :func:`layer_heads_decode_on_builtin` says so; ``x @ W`` never does,
+    since MLX 0.32.4's CUDA build has no float32 kernel for it (MLA's
+    prefill in a float32 model stops there on MLX's layer).
+
+    Args:
+        indices: always None (the slot of an MoE layer's indices in
+            :class:`~mlx_quant_ops._kernels.LayerReplay`).
+        transpose (bool): ``x @ W[h].T`` (True) or ``x @ W[h]``.
+
+    Returns:
+        The product, and the replay of the call for the layer to keep
+        (keyed on ``transpose`` too), or None where the call cannot be kept.
+    """
+    run, kept = _QUANTIZED_MATMUL_CALLS.plan(
+        _plan_quantized_matmul,
+        None,
+        (x, w, scales, biases),
+        (transpose, group_size, bits, "affine"),
+    )
+    if not kept:
+        return run(x, w, scales, biases), None
+    if transpose is True and layer_heads_decode_on_builtin(x, w, bits):
+
+        def run(x, w, scales, biases):
+            return mx.quantized_matmul(x, w, scales, biases, True, group_size, bits)
+
+    replay = LayerReplay(
+        run, x, w, scales, biases, group_size, bits, indices, transpose
+    )
+    return run(x, w, scales, biases), replay
 
 
 # Whether mlx_quant_ops.nn's grouped sibling layers (patch(...,

@@ -1,9 +1,9 @@
 """Quantized layers that run on mlx-quant-ops' affine ops, and :func:`patch`,
 which swaps them into a loaded model in place.
 
-The three layers are subclasses of the MLX / mlx-lm layers they replace
-(:class:`mlx.nn.QuantizedLinear`, :class:`mlx.nn.QuantizedEmbedding` and
-mlx-lm's ``QuantizedSwitchLinear``), so they keep those layers' parameters
+The layers are subclasses of the MLX / mlx-lm layers they replace
+(:class:`mlx.nn.QuantizedLinear`, :class:`mlx.nn.QuantizedEmbedding`, and
+mlx-lm's ``QuantizedSwitchLinear`` and ``QuantizedMultiLinear``), so they keep those layers' parameters
 (``weight``, ``scales``, ``biases``, ``bias``), options (``group_size``,
 ``bits``, ``mode``), class methods and freezing behaviour, and every
 ``isinstance`` check in MLX and mlx-lm (``nn.quantize``, LoRA, DWQ, saving,
@@ -42,6 +42,10 @@ try:
     )
 except ImportError:  # mlx-lm is an optional dependency
     _MLXLMQuantizedSwitchLinear = None
+try:
+    from mlx_lm.models.mla import QuantizedMultiLinear as _MLXLMQuantizedMultiLinear
+except ImportError:  # mlx-lm missing, or older than its MLA layers
+    _MLXLMQuantizedMultiLinear = None
 
 AFFINE = "affine"
 
@@ -517,6 +521,130 @@ class QuantizedSwitchLinear(_PlannedCalls, _SwitchBase):
         return _adopt(cls, _SwitchBase, layer, "QuantizedSwitchLinear.from_quantized")
 
 
+if _MLXLMQuantizedMultiLinear is not None:
+    _MultiBase = _MLXLMQuantizedMultiLinear
+else:
+
+    class _MultiBase(nn.Module):
+        """The state of mlx-lm's ``QuantizedMultiLinear`` (affine mode), for
+        installs without it."""
+
+        def __init__(
+            self,
+            input_dims: int,
+            output_dims: int,
+            num_heads: int,
+            group_size: int,
+            bits: int,
+            mode: str,
+        ):
+            super().__init__()
+            self.group_size = group_size
+            self.bits = bits
+            self.mode = mode
+            scale = (1 / input_dims) ** 0.5
+            weight = mx.random.uniform(
+                low=-scale, high=scale, shape=(num_heads, output_dims, input_dims)
+            )
+            self.weight, self.scales, self.biases = affine.quantize(
+                weight, group_size=group_size, bits=bits
+            )
+            self.freeze()
+
+
+class QuantizedMultiLinear(_PlannedCalls, _MultiBase):
+    """mlx-lm's ``QuantizedMultiLinear`` (the per-head products of MLA
+    attention: DeepSeek-V3, Kimi, GLM-4-MoE-Lite, Mistral 4) whose forward
+    runs :func:`mlx_quant_ops.quantized_matmul`.
+
+    A subclass of mlx-lm's layer when mlx-lm has it: same constructor,
+    parameters (``weight [H, N, K*bits/32]``, ``scales``, ``biases``),
+    options and frozen state. ``mode`` must be ``"affine"``.
+
+    Args:
+        input_dims (int): the size of each head's input features, K.
+        output_dims (int): the size of each head's output, N.
+        num_heads (int): the number of heads, H.
+        group_size (int, optional): the quantization group size. Default: 64.
+        bits (int, optional): bits per weight. Default: 4.
+        mode (str, optional): must be ``"affine"``. Default: ``"affine"``.
+    """
+
+    def __init__(
+        self,
+        input_dims: int,
+        output_dims: int,
+        num_heads: int,
+        group_size: int = 64,
+        bits: int = 4,
+        mode: str = AFFINE,
+    ):
+        _require_affine("QuantizedMultiLinear", mode)
+        super().__init__(input_dims, output_dims, num_heads, group_size, bits, mode)
+
+    def __call__(self, x: mx.array, transpose: bool = True) -> mx.array:
+        """Each head's product: ``x @ W[h].T`` (or ``x @ W[h]``).
+
+        Args:
+            x (mlx.core.array): ``[..., H or 1, M, K]`` activations (``K``
+                is ``N`` of the weights with ``transpose=False``); the
+                batch dimensions broadcast against the heads.
+            transpose (bool, optional): multiply by each head's weight
+                transposed. Default: ``True``.
+
+        Returns:
+            mlx.core.array: ``[..., H, M, N]`` (``[..., H, M, K]`` with
+            ``transpose=False``).
+        """
+        return self._replayed_or_planned(
+            "_replay", affine._layer_heads_matmul, x, None, transpose
+        )
+
+    @classmethod
+    def from_multi_linear(
+        cls,
+        multi_layer: nn.Module,
+        group_size: int = 64,
+        bits: int = 4,
+        mode: str = AFFINE,
+    ) -> "QuantizedMultiLinear":
+        """Quantize an mlx-lm ``MultiLinear`` with
+        :func:`mlx_quant_ops.quantize`.
+
+        Args:
+            multi_layer (mlx_lm.models.mla.MultiLinear): the per-head
+                weights ``[H, N, K]`` to quantize.
+            group_size (int, optional): the quantization group size.
+                Default: 64.
+            bits (int, optional): bits per weight. Default: 4.
+            mode (str, optional): must be ``"affine"``.
+
+        Returns:
+            QuantizedMultiLinear: the quantized layer.
+        """
+        _require_affine("QuantizedMultiLinear.from_multi_linear", mode)
+        num_heads, output_dims, input_dims = multi_layer.weight.shape
+        layer = cls(input_dims, output_dims, num_heads, group_size, bits, mode)
+        layer.weight, layer.scales, layer.biases = affine.quantize(
+            multi_layer.weight, group_size=group_size, bits=bits
+        )
+        return layer
+
+    @classmethod
+    def from_quantized(cls, layer: nn.Module) -> "QuantizedMultiLinear":
+        """This class's layer over an mlx-lm affine ``QuantizedMultiLinear``'s
+        own arrays (shared, not copied), options and frozen state.
+
+        Args:
+            layer (mlx_lm.models.mla.QuantizedMultiLinear): an
+                ``"affine"``-mode layer.
+
+        Returns:
+            QuantizedMultiLinear: the new layer.
+        """
+        return _adopt(cls, _MultiBase, layer, "QuantizedMultiLinear.from_quantized")
+
+
 # Linear layers of one module that read the same input in the models
 # mlx-lm defines (attention's q, k and v projections; a gated MLP's gate and
 # up projections), whose decode calls can run as one launch.
@@ -637,6 +765,8 @@ def _replacements() -> dict:
     }
     if _MLXLMQuantizedSwitchLinear is not None:
         table[_MLXLMQuantizedSwitchLinear] = QuantizedSwitchLinear
+    if _MLXLMQuantizedMultiLinear is not None:
+        table[_MLXLMQuantizedMultiLinear] = QuantizedMultiLinear
     return table
 
 
@@ -708,8 +838,9 @@ def _new_stepped(cls: type) -> nn.Module:
 def patch(model: nn.Module, *, fuse_siblings: bool = False) -> nn.Module:
     """Swap a model's MLX quantized layers for this package's, in place.
 
-    Every ``mlx.nn.QuantizedLinear``, ``mlx.nn.QuantizedEmbedding`` and
-    mlx-lm ``QuantizedSwitchLinear`` in ``"affine"`` mode, at any depth
+    Every ``mlx.nn.QuantizedLinear``, ``mlx.nn.QuantizedEmbedding``, and
+    mlx-lm ``QuantizedSwitchLinear`` and ``QuantizedMultiLinear`` (MLA
+    attention's per-head products) in ``"affine"`` mode, at any depth
     (attributes, lists, dicts), becomes the matching layer of this module over
     the same arrays (shared, not copied), with the same options and the same
     frozen / trainable state, so the model computes the same function with

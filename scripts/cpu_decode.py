@@ -6,7 +6,9 @@ multiplies in float32 and splits large products over the cores (README,
 "Every op runs on three paths"). This script shows what that means for a
 user decoding with mlx-lm on a CPU: a Llama model of the Llama-3.2-1B widths
 (hidden 2048, MLP 8192, 32 heads, 8 KV heads, tied embeddings; fewer layers
-and a smaller vocabulary, so MLX's half-precision rows finish), quantized to
+and a smaller vocabulary, so MLX's half-precision rows finish), or with
+``--arch deepseek_v3`` a DeepSeek-V3 model with DeepSeek-V2-Lite's attention
+widths (MLA: 16 heads, latent 512; dense MLP 4096), quantized to
 4 bits in groups of 64, decoded greedily with MLX's layers and with ours over
 the same arrays, in turns. It prints the best milliseconds a token of each,
 and whether the two made the same tokens (MLX's layers compute in the half
@@ -15,8 +17,9 @@ two logits are nearly equal).
 
 Run from the repository root::
 
-    python scripts/cpu_decode.py [--dtypes bfloat16,float16,float32]
-        [--layers 4] [--vocab 32000] [--tokens 8] [--rounds 2]
+    python scripts/cpu_decode.py [--arch llama|deepseek_v3]
+        [--dtypes bfloat16,float16,float32] [--layers 4] [--vocab 32000]
+        [--tokens 8] [--rounds 2]
 """
 
 import argparse
@@ -40,8 +43,34 @@ def decode(model, prompt: mx.array, tokens: int):
     return (time.perf_counter() - start) / tokens * 1e3, made
 
 
+def fields_of(arch: str, layers: int, vocab: int) -> dict:
+    """mlx-lm ModelArgs fields of the model ``arch`` decodes."""
+    if arch == "llama":
+        fields = _llama(2048, layers, 8192, 32, 8, vocab)
+        return dict(fields, tie_word_embeddings=True)
+    return dict(
+        model_type="deepseek_v3",
+        vocab_size=vocab,
+        hidden_size=2048,
+        intermediate_size=4096,
+        moe_intermediate_size=1408,
+        num_hidden_layers=layers,
+        num_attention_heads=16,
+        num_key_value_heads=16,
+        n_routed_experts=8,
+        num_experts_per_tok=2,
+        first_k_dense_replace=layers,  # every MLP dense: MLA is what differs
+        kv_lora_rank=512,
+        q_lora_rank=None,
+        qk_rope_head_dim=64,
+        qk_nope_head_dim=128,
+        v_head_dim=128,
+    )
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", choices=("llama", "deepseek_v3"), default="llama")
     parser.add_argument("--dtypes", default="bfloat16,float16,float32")
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--vocab", type=int, default=32000)
@@ -51,9 +80,8 @@ def main(argv=None):
     mx.set_default_device(mx.cpu)
     prompt = mx.arange(32) * 7 % args.vocab
     for name in args.dtypes.split(","):
-        fields = _llama(2048, args.layers, 8192, 32, 8, args.vocab)
         model, layer_sets = model_and_layer_sets(
-            "llama", dict(fields, tie_word_embeddings=True), getattr(mx, name)
+            args.arch, fields_of(args.arch, args.layers, args.vocab), getattr(mx, name)
         )
         best, made = {}, {}
         for round_ in range(args.rounds):

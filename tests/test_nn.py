@@ -21,6 +21,8 @@ from mlx.utils import tree_flatten, tree_map
 from mlx_lm.generate import generate_step
 from mlx_lm.models import llama, qwen3_moe
 from mlx_lm.models.cache import make_prompt_cache
+from mlx_lm.models.mla import MultiLinear
+from mlx_lm.models.mla import QuantizedMultiLinear as LMQuantizedMulti
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear as LMQuantizedSwitch
 from mlx_lm.models.switch_layers import SwitchGLU, SwitchLinear
 from mlx_lm.utils import load_model, quantize_model, save_config, save_model
@@ -260,6 +262,41 @@ def test_quantized_switch_linear_matches_mlx_lm(dtype, bits, group_size):
     assert_close_to_mlx(ys, theirs(xs, flat[order], sorted_indices=True), exact, dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bits,group_size", [(4, 64), (8, 32), (3, 128), (5, 64)])
+def test_quantized_multi_linear_matches_mlx_lm(dtype, bits, group_size):
+    """MLA attention's per-head products (mlx-lm's QuantizedMultiLinear) as
+    DeepSeek-V3 calls them: a decode step's queries, one row a head, by each
+    head's weight transposed; a prompt's latent rows, shared by the heads
+    (a batch dimension of one), by the weights as they are and transposed."""
+    mx.random.seed(7 * bits + group_size)
+    heads, in_dims, out_dims = 4, 128, 2 * group_size
+    float_layer = MultiLinear(in_dims, out_dims, heads)
+    float_layer.weight = sample((heads, out_dims, in_dims), "heavy", dtype) * 0.05
+    theirs = float_layer.to_quantized(group_size, bits)
+    ours = mqo.nn.QuantizedMultiLinear.from_multi_linear(float_layer, group_size, bits)
+    assert type(ours) is mqo.nn.QuantizedMultiLinear
+    assert isinstance(ours, LMQuantizedMulti)
+    assert (ours.group_size, ours.bits, ours.mode) == (group_size, bits, "affine")
+    assert_equal_arrays(ours, theirs)
+    assert trainable_names(ours) == trainable_names(theirs) == []
+
+    adopted = mqo.nn.QuantizedMultiLinear.from_quantized(theirs)
+    assert_same_arrays(adopted, theirs)
+    w = dequantized_f64(theirs)  # [heads, out_dims, in_dims]
+    calls = [
+        (sample((2, heads, 1, in_dims), "normal", dtype), True),
+        (sample((2, 1, 17, out_dims), "normal", dtype), False),
+        (sample((2, 1, 9, in_dims), "normal", dtype), True),
+    ]
+    for x, transpose in calls:
+        y = adopted(x, transpose=transpose)
+        exact = f64(x) @ (np.swapaxes(w, -1, -2) if transpose else w)
+        assert y.shape == exact.shape and y.dtype == dtype, transpose
+        assert rel_err(y, exact) <= TOL[dtype], transpose
+        assert_close_to_mlx(y, theirs(x, transpose=transpose), exact, dtype)
+
+
 @pytest.mark.parametrize("device", ("cpu", "simulated-cuda"))
 def test_layers_on_empty_inputs(monkeypatch, device):
     """An empty input (no tokens) gives an empty output of the right shape
@@ -282,6 +319,9 @@ def test_layers_on_empty_inputs(monkeypatch, device):
     switch = SwitchLinear(256, 40, 6, bias=False)
     switch.set_dtype(dtype)
     switch = mqo.nn.QuantizedSwitchLinear.from_switch_linear(switch, 64, 4)
+    heads = MultiLinear(256, 64, 4)
+    heads.set_dtype(dtype)
+    heads = mqo.nn.QuantizedMultiLinear.from_multi_linear(heads, 64, 4)
     scope = (
         recording(forced=False)
         if device == "simulated-cuda"
@@ -295,7 +335,9 @@ def test_layers_on_empty_inputs(monkeypatch, device):
             experts = switch(
                 mx.zeros((0, 1, 1, 256), dtype), mx.zeros((0, 2), mx.uint32)
             )
-            mx.eval(y, rows, head, experts)
+            per_head = heads(mx.zeros((1, 4, 0, 256), dtype))
+            mx.eval(y, rows, head, experts, per_head)
+            assert per_head.shape == (1, 4, 0, 64) and per_head.dtype == dtype
             assert y.shape == (1, 0, 40) and y.dtype == dtype
             assert rows.shape == (1, 0, 256) and rows.dtype == embedding.scales.dtype
             assert head.shape == (0, 100)
@@ -304,8 +346,10 @@ def test_layers_on_empty_inputs(monkeypatch, device):
         # Calls that are not empty are handed over as before.
         linear_layer(mx.zeros((1, 1, 256), dtype))
         embedding(mx.zeros((1, 1), mx.int32))
+        mx.eval(heads(mx.zeros((1, 4, 1, 256), dtype)))
         handed_over = type(linear_layer._replay) is _kernels.HandedOverReplay
         assert handed_over == (device == "simulated-cuda")
+        assert launches == []  # the heads' decode went to MLX's op too
 
 
 def test_forwards_run_our_ops(monkeypatch):
@@ -465,6 +509,54 @@ def test_builtin_decode_rule(monkeypatch):
     assert not rule(one, mx.zeros((0, 512), mx.uint32), 4)
     with mqo.use_backend("reference"):
         assert not rule(one, below, 4)
+
+
+def test_builtin_heads_decode_rule(monkeypatch):
+    """Which calls of a per-head layer (MLA) ``layer_heads_decode_on_builtin``
+    hands to MLX: on the CUDA path, at most 8 rows a head, fewer weight
+    values over all heads than the width's entry; and the layer keeps the
+    products of weights as they are (``transpose=False``: MLX 0.32.4's CUDA
+    build has no float32 kernel for them) and of longer inputs on our
+    kernels, recorded on the simulated CUDA path."""
+    from cuda_compile import recording
+
+    monkeypatch.setattr(affine, "LAYER_BUILTIN_DECODE_BELOW", {4: 1 << 20})
+    rule = affine.layer_heads_decode_on_builtin
+    with recording(forced=False):
+        below = mx.zeros((15, 128, 64), mx.uint32)  # 15 * 2**16 values
+        at = mx.zeros((16, 128, 64), mx.uint32)  # 2**20
+        one_a_head, eight, nine = (
+            mx.zeros(s, mx.float16)
+            for s in [(2, 16, 1, 512), (1, 1, 8, 512), (1, 1, 9, 512)]
+        )
+        assert rule(one_a_head, below, 4) and rule(eight, below, 4)
+        assert not rule(nine, below, 4)
+        assert not rule(one_a_head, at, 4)
+        assert not rule(one_a_head, below, 8)  # no 8-bit entry
+        assert not rule(mx.zeros((2, 16, 0, 512), mx.float16), below, 4)
+        assert not rule(mx.zeros((512,), mx.float16), below, 4)
+        with mqo.use_backend("reference"):
+            assert not rule(one_a_head, below, 4)
+    assert not rule(one_a_head, below, 4)  # the CPU path
+
+    multi = MultiLinear(128, 64, 4)
+    multi.set_dtype(mx.float16)
+    layer = mqo.nn.QuantizedMultiLinear.from_multi_linear(multi, 64, 4)
+    with recording(forced=False) as launches:
+        decode = layer(mx.ones((1, 4, 1, 128), mx.float16))
+        mx.eval(decode)
+        assert launches == [] and decode.shape == (1, 4, 1, 64)
+        latent = layer(mx.ones((1, 1, 1, 64), mx.float16), transpose=False)
+        mx.eval(latent)
+        # Half-precision x @ W: the op's dense float32 weight, then a matmul.
+        assert [l.kernel.name for l in launches] == ["affine_dequantize"]
+        assert latent.shape == (1, 4, 1, 128)
+        prompt = layer(mx.ones((1, 1, 9, 128), mx.float16))
+        mx.eval(prompt)
+        assert [l.kernel.name for l in launches][1:] == ["affine_qmv_mma"]
+        assert prompt.shape == (1, 4, 9, 64)
+        mx.eval(layer(mx.ones((1, 4, 1, 128), mx.float16)))
+        assert len(launches) == 2
 
 
 def test_builtin_lookup_rule(monkeypatch):
@@ -833,7 +925,7 @@ def test_small_lookups_run_on_mlx_builtin(monkeypatch):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("kind", ["linear", "embedding", "switch"])
+@pytest.mark.parametrize("kind", ["linear", "embedding", "switch", "heads"])
 def test_freezing_and_gradients_match_mlx(kind, device):
     """DWQ's recipe: unfreeze scales and biases, differentiate through the
     forward; trainable sets and gradients equal MLX's (computed on the CPU:
@@ -850,6 +942,11 @@ def test_freezing_and_gradients_match_mlx(kind, device):
         ours = mqo.nn.QuantizedEmbedding.from_quantized(theirs)
         tokens, x = mx.array([[1, 4, 4, 49]]), mx.random.normal((3, 256))
         run = lambda m: m(tokens).sum() + m.as_linear(x)  # noqa: E731
+    elif kind == "heads":
+        theirs = MultiLinear(256, 24, 3).to_quantized(64, 4)
+        ours = mqo.nn.QuantizedMultiLinear.from_quantized(theirs)
+        x, latent = mx.random.normal((2, 3, 1, 256)), mx.random.normal((2, 1, 5, 24))
+        run = lambda m: m(x).sum() + m(latent, transpose=False)  # noqa: E731
     else:
         sw = SwitchLinear(256, 24, 4, bias=True)
         theirs = sw.to_quantized(64, 4)
@@ -894,6 +991,14 @@ def test_constructors_match_mlx():
             nn.QuantizedEmbedding(10, 128, 128, 3),
         ),
         (mqo.nn.QuantizedSwitchLinear(64, 32, 4), LMQuantizedSwitch(64, 32, 4)),
+        (
+            mqo.nn.QuantizedMultiLinear(64, 32, 4),
+            LMQuantizedMulti(64, 32, 4, 64, 4, "affine"),
+        ),
+        (
+            mqo.nn.QuantizedMultiLinear(128, 16, 2, 32, 3),
+            LMQuantizedMulti(128, 16, 2, 32, 3, "affine"),
+        ),
     ]
     for ours, theirs in pairs:
         for attr in ("group_size", "bits", "mode"):
@@ -916,6 +1021,17 @@ def test_constructors_reject_other_modes():
         mqo.nn.QuantizedEmbedding(10, 64, mode="mxfp8")
     with pytest.raises(ValueError, match=r"nn\.QuantizedSwitchLinear\] mode"):
         mqo.nn.QuantizedSwitchLinear(64, 32, 4, mode="nvfp4")
+    with pytest.raises(ValueError, match=r"nn\.QuantizedMultiLinear\] mode"):
+        mqo.nn.QuantizedMultiLinear(64, 32, 4, 32, 4, "mxfp4")
+    with pytest.raises(ValueError, match=r"from_multi_linear\] mode"):
+        mqo.nn.QuantizedMultiLinear.from_multi_linear(
+            MultiLinear(64, 32, 4), mode="nvfp4"
+        )
+    with pytest.raises(TypeError, match=r"QuantizedMultiLinear.from_quantized\] layer"):
+        mqo.nn.QuantizedMultiLinear.from_quantized(nn.QuantizedLinear(64, 32))
+    fp4_heads = LMQuantizedMulti(64, 32, 4, 32, 4, "mxfp4")
+    with pytest.raises(ValueError, match=r"QuantizedMultiLinear.from_quantized\] mode"):
+        mqo.nn.QuantizedMultiLinear.from_quantized(fp4_heads)
     fp4 = nn.QuantizedLinear(64, 32, mode="mxfp4")
     with pytest.raises(ValueError, match=r"from_quantized\] mode.*'mxfp4'"):
         mqo.nn.QuantizedLinear.from_quantized(fp4)
@@ -1377,9 +1493,9 @@ def test_patched_model_compiles(arch, device):
 # Small configs of other mlx-lm architectures, each with a layer pattern of
 # its own: attention biases (qwen2), a tied head under logit soft-capping
 # (gemma2), fused q|k|v and gate|up projections (phi3), plain MoE (mixtral),
-# MoE with expert biases and its own activation (gpt_oss), MLA attention and
-# shared experts (deepseek_v3, whose QuantizedMultiLinear is mlx-lm's own
-# and stays), biases and a non-gated MLP (starcoder2).
+# MoE with expert biases and its own activation (gpt_oss), MLA attention
+# (per-head products in mlx-lm's QuantizedMultiLinear) and shared experts
+# (deepseek_v3), biases and a non-gated MLP (starcoder2).
 SMALL = dict(
     hidden_size=64,
     num_hidden_layers=2,
@@ -1458,17 +1574,25 @@ def test_patch_other_architectures(monkeypatch, arch, device):
     if device == "cpu-reference":
         monkeypatch.setattr(affine, "_CPU_BUILTIN", False)
         device = mx.cpu
+    oracle_device = device
     if arch == "deepseek_v3" and device == mx.gpu and mx.cuda.is_available():
-        # The oracle cannot run: MLA's per-head products stay mlx-lm's
-        # QuantizedMultiLinear, whose x @ W in float32 MLX 0.32.4's CUDA
-        # quantized_matmul has no kernel for ("No implementation for
-        # problem shape").
-        pytest.skip("MLX's CUDA quantized_matmul lacks float32 x @ W")
+        # MLX's layers cannot run this model there: MLA's prompt multiplies
+        # by mlx-lm's QuantizedMultiLinear weights as they are (x @ W), for
+        # which MLX 0.32.4's CUDA quantized_matmul has no float32 kernel
+        # ("No implementation for problem shape"). Ours has one, so the
+        # patched model runs on the GPU against MLX's layers on the CPU.
+        oracle_device = mx.cpu
     model = other_architecture(arch, mx.float32)
-    swapped = (nn.QuantizedLinear, nn.QuantizedEmbedding, LMQuantizedSwitch)
+    swapped = (
+        nn.QuantizedLinear,
+        nn.QuantizedEmbedding,
+        LMQuantizedSwitch,
+        LMQuantizedMulti,
+    )
     count = sum(type(m) in swapped for _, m in model.named_modules())
-    with mx.stream(device):
+    with mx.stream(oracle_device):
         expected = logits_of_steps(model)
+    with mx.stream(device):
         mqo.nn.patch(model)
         assert not any(type(m) in swapped for _, m in model.named_modules())
         ours = sum(
@@ -1531,8 +1655,8 @@ def test_patch_model_loaded_from_disk(tmp_path):
 
 
 def test_switch_layer_without_mlx_lm():
-    """mlx-lm is optional: without it the switch layer stands alone (same
-    fields, our gather_qmm) and patch() still handles MLX's layers."""
+    """mlx-lm is optional: without it the switch and per-head layers stand
+    alone (same fields, our ops) and patch() still handles MLX's layers."""
     script = """
 import sys
 sys.modules["mlx_lm"] = None  # any import of mlx-lm now fails
@@ -1546,6 +1670,13 @@ x, idx = mx.random.normal((3, 1, 1, 128)), mx.array([[0, 3], [2, 2], [1, 0]])
 ref = mx.gather_qmm(x, sw.weight, sw.scales, sw.biases, rhs_indices=idx,
                     group_size=32, bits=8) + mx.expand_dims(sw.bias[idx], -2)
 assert mx.allclose(sw(x, idx), ref, rtol=1e-5, atol=1e-5).item()
+assert mqo.nn._MLXLMQuantizedMultiLinear is None
+heads = mqo.nn.QuantizedMultiLinear(128, 24, 4, 32, 8)
+assert heads.weight.shape == (4, 24, 32) and not heads.trainable_parameters()
+x = mx.random.normal((2, 4, 3, 128))
+ref = mx.quantized_matmul(x, heads.weight, heads.scales, heads.biases,
+                          group_size=32, bits=8)
+assert mx.allclose(heads(x), ref, rtol=1e-5, atol=1e-5).item()
 model = nn.Sequential(nn.QuantizedLinear(64, 32))
 assert type(mqo.nn.patch(model).layers[0]) is mqo.nn.QuantizedLinear
 print("ok")
