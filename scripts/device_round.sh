@@ -13,11 +13,12 @@
 # the variants: give it the 600 s limit, and run the rest in a second call
 # with TESTS=0 and VARIANTS naming them. Run from the repository root:
 #
-#     source scripts/device_env.sh && export MLX_PTX_CACHE_DIR=/tmp/ptx \
-#         && bash scripts/device_round.sh
+#     source scripts/device_env.sh && bash scripts/device_round.sh
 #     ... && TESTS=0 VARIANTS="mlx-all" bash scripts/device_round.sh
 #
-# Logs go to $OUT (the device tool's folder), the JSON to /tmp.
+# Logs go to $OUT (the device tool's folder), the JSON to /tmp; after the
+# tests, the PTX cache goes to $OUT/ptx_cache.tgz (copy it into .devcarry/
+# for the next call: see device_env.sh).
 set -u
 out=${OUT:-/tmp}
 nvidia-smi --query-gpu=name --format=csv,noheader
@@ -30,6 +31,17 @@ if [ "${TESTS:-1}" != 0 ]; then
     cat "$log"
   done > "$out/gpu_all.txt"
 fi
+# The compiled kernels, for the next call to carry (see device_env.sh): at
+# most 15 MB, the device tool's limit a file being 16 MiB.
+save_ptx_cache() {
+  local tgz="$out/ptx_cache.tgz"
+  tar czf "$tgz" -C "${MLX_PTX_CACHE_DIR:-/tmp/ptx}" . 2>/dev/null || rm -f "$tgz"
+  if [ -f "$tgz" ] && [ "$(stat -c %s "$tgz")" -gt 15000000 ]; then
+    echo "PTX cache: $(stat -c %s "$tgz") bytes, too large to bring back"
+    rm -f "$tgz"
+  fi
+}
+[ "${TESTS:-1}" != 0 ] && save_ptx_cache
 variants=${VARIANTS:-current fused mlx-all}
 for variant in $variants; do
   start=$(date +%s)
@@ -38,3 +50,5 @@ for variant in $variants; do
   echo "== e2e $variant: rc $?, $(( $(date +%s) - start )) s"
   grep -A4 "^mlx-lm decode" "$out/e2e_$variant.txt" | tail -3
 done
+# Again with what the variants compiled.
+save_ptx_cache
