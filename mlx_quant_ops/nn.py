@@ -7,8 +7,9 @@ mlx-lm's ``QuantizedSwitchLinear`` and ``QuantizedMultiLinear``), so they
 keep those layers' parameters (``weight``, ``scales``, ``biases``,
 ``bias``), options (``group_size``, ``bits``, ``mode``), class methods and
 freezing behaviour, and every ``isinstance`` check in MLX and mlx-lm
-(``nn.quantize``, LoRA, DWQ, saving, dequantizing) still recognizes them. Only the forward passes differ: they
-call :func:`mlx_quant_ops.quantized_matmul`, :func:`mlx_quant_ops.gather_qmm`
+(``nn.quantize``, LoRA, DWQ, saving, dequantizing) still recognizes them.
+Only the forward passes differ: they call
+:func:`mlx_quant_ops.quantized_matmul`, :func:`mlx_quant_ops.gather_qmm`
 and :func:`mlx_quant_ops.dequantize` instead of the ``mx.*`` built-ins, so the
 matmul runs on this package's Metal / CUDA kernels or its reference path.
 

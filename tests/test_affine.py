@@ -353,7 +353,8 @@ def test_quantized_matmul_streamed_decode_on_the_gpus_grid(bits):
     ):
         pytest.skip("the streamed mat-vec runs on Hopper GPUs")
     tiles = n // 16
-    most = 2 * mqo.affine._backend.gpu_multiprocessors()
+    per_sm = mqo.affine._QMV_STREAM_BLOCKS_PER_SM
+    most = per_sm * mqo.affine._backend.gpu_multiprocessors()
     blocks = mqo.affine._qmv_stream_blocks(tiles)
     assert -(-tiles // blocks) == -(-tiles // most)
     if most == 264:
