@@ -30,7 +30,7 @@ import dataclasses
 import functools
 import math
 import os
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import mlx.core as mx
 import numpy as np
@@ -1854,6 +1854,21 @@ def layer_heads_decode_on_builtin(x: mx.array, w: mx.array, bits: int) -> bool:
     )
 
 
+def _planned_layer_product(
+    x, w, scales, biases, transpose, group_size, bits
+) -> Tuple[Callable, bool]:
+    """The public op's planned function for a layer's product on the
+    default stream (checked and keyed as ``quantized_matmul``'s calls are),
+    not yet run, and whether it is kept: a layer keeps a replay only of a
+    kept plan."""
+    return _QUANTIZED_MATMUL_CALLS.plan(
+        _plan_quantized_matmul,
+        None,
+        (x, w, scales, biases),
+        (transpose, group_size, bits, "affine"),
+    )
+
+
 def _layer_quantized_matmul(
     x, w, scales, biases, group_size, bits
 ) -> Tuple[mx.array, Optional[LayerReplay]]:
@@ -1868,12 +1883,7 @@ def _layer_quantized_matmul(
         :class:`~mlx_quant_ops._kernels.HandedOverReplay` of MLX's op, or
         None where the call cannot be kept (arguments the plans cannot key).
     """
-    run, kept = _QUANTIZED_MATMUL_CALLS.plan(
-        _plan_quantized_matmul,
-        None,
-        (x, w, scales, biases),
-        (True, group_size, bits, "affine"),
-    )
+    run, kept = _planned_layer_product(x, w, scales, biases, True, group_size, bits)
     if not kept:
         return run(x, w, scales, biases), None
     if layer_decode_on_builtin(x, w, bits):
@@ -1907,11 +1917,8 @@ def _layer_heads_matmul(
         The product, and the replay of the call for the layer to keep
         (keyed on ``transpose`` too), or None where the call cannot be kept.
     """
-    run, kept = _QUANTIZED_MATMUL_CALLS.plan(
-        _plan_quantized_matmul,
-        None,
-        (x, w, scales, biases),
-        (transpose, group_size, bits, "affine"),
+    run, kept = _planned_layer_product(
+        x, w, scales, biases, transpose, group_size, bits
     )
     if not kept:
         return run(x, w, scales, biases), None
