@@ -108,6 +108,14 @@ class _PlannedCalls:
     # A linear layer's (group, index) in its sibling group (see _Siblings).
     _siblings: Optional[tuple] = None
 
+    def _quantize_weight(self, weight: mx.array) -> None:
+        """Set ``weight``, ``scales`` and ``biases`` to ``weight`` quantized
+        with :func:`mlx_quant_ops.quantize` at the layer's own group size
+        and bits (the ``from_*`` constructors, mlx-lm's ``to_quantized``)."""
+        self.weight, self.scales, self.biases = affine.quantize(
+            weight, group_size=self.group_size, bits=self.bits
+        )
+
     def _keep(self, replay: Optional[LayerReplay], slot: str = "_replay") -> None:
         """Keep ``replay`` in ``slot`` for the next call there; a call that
         could not be kept (None) drops the last one."""
@@ -245,9 +253,7 @@ class QuantizedLinear(_PlannedCalls, nn.QuantizedLinear):
         _require_affine("QuantizedLinear.from_linear", mode)
         output_dims, input_dims = linear_layer.weight.shape
         layer = cls(input_dims, output_dims, False, group_size, bits, mode)
-        layer.weight, layer.scales, layer.biases = affine.quantize(
-            linear_layer.weight, group_size=layer.group_size, bits=layer.bits
-        )
+        layer._quantize_weight(linear_layer.weight)
         if "bias" in linear_layer:
             layer.bias = linear_layer.bias
         return layer
@@ -337,9 +343,7 @@ class QuantizedEmbedding(_PlannedCalls, nn.QuantizedEmbedding):
         _require_affine("QuantizedEmbedding.from_embedding", mode)
         num_embeddings, dims = embedding_layer.weight.shape
         layer = cls(num_embeddings, dims, group_size, bits, mode)
-        layer.weight, layer.scales, layer.biases = affine.quantize(
-            embedding_layer.weight, group_size=layer.group_size, bits=layer.bits
-        )
+        layer._quantize_weight(embedding_layer.weight)
         return layer
 
     @classmethod
@@ -447,9 +451,7 @@ class QuantizedSwitchLinear(_PlannedCalls, _SwitchBase):
                 "False (a global scale needs nvfp4 mode)",
                 repr(global_scale),
             )
-        self.weight, self.scales, self.biases = affine.quantize(
-            weight, group_size=self.group_size, bits=self.bits
-        )
+        self._quantize_weight(weight)
         self.global_scale = None
 
     def __call__(
@@ -626,9 +628,7 @@ class QuantizedMultiLinear(_PlannedCalls, _MultiBase):
         _require_affine("QuantizedMultiLinear.from_multi_linear", mode)
         num_heads, output_dims, input_dims = multi_layer.weight.shape
         layer = cls(input_dims, output_dims, num_heads, group_size, bits, mode)
-        layer.weight, layer.scales, layer.biases = affine.quantize(
-            multi_layer.weight, group_size=group_size, bits=bits
-        )
+        layer._quantize_weight(multi_layer.weight)
         return layer
 
     @classmethod
@@ -890,14 +890,7 @@ def patch(model: nn.Module, *, fuse_siblings: bool = False) -> nn.Module:
         check.fail(
             "nn.patch", "model", "an mlx.nn.Module", type(model).__name__, TypeError
         )
-    if not isinstance(fuse_siblings, bool):
-        check.fail(
-            "nn.patch",
-            "fuse_siblings",
-            "a bool",
-            type(fuse_siblings).__name__,
-            TypeError,
-        )
+    check.boolean("nn.patch", "fuse_siblings", fuse_siblings)
     replacement = _patched(model)
     if replacement is not model:
         return replacement
