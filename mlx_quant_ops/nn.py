@@ -107,6 +107,25 @@ class _PlannedCalls:
     _lookup_replay: Optional[LayerReplay] = None
     # A linear layer's (group, index) in its sibling group (see _Siblings).
     _siblings: Optional[tuple] = None
+    # Set by each layer: the MLX or mlx-lm class whose layers
+    # from_quantized takes over.
+    _ADOPTS: type
+
+    @classmethod
+    def from_quantized(cls, layer: nn.Module) -> nn.Module:
+        """This class's layer over the state of the MLX or mlx-lm layer it
+        replaces (``_ADOPTS``: ``mlx.nn.QuantizedLinear``,
+        ``mlx.nn.QuantizedEmbedding``, or mlx-lm's ``QuantizedSwitchLinear``
+        or ``QuantizedMultiLinear``): its arrays (shared, not copied),
+        options and frozen state.
+
+        Args:
+            layer (mlx.nn.Module): an ``"affine"``-mode layer of that class.
+
+        Returns:
+            mlx.nn.Module: the new layer, of this class.
+        """
+        return _adopt(cls, cls._ADOPTS, layer, f"{cls.__name__}.from_quantized")
 
     def _quantize_weight(self, weight: mx.array) -> None:
         """Set ``weight``, ``scales`` and ``biases`` to ``weight`` quantized
@@ -183,6 +202,8 @@ class QuantizedLinear(_PlannedCalls, nn.QuantizedLinear):
         mode (str, optional): must be ``"affine"``. Default: ``"affine"``.
     """
 
+    _ADOPTS = nn.QuantizedLinear  # the layer from_quantized takes
+
     def __init__(
         self,
         input_dims: int,
@@ -258,19 +279,6 @@ class QuantizedLinear(_PlannedCalls, nn.QuantizedLinear):
             layer.bias = linear_layer.bias
         return layer
 
-    @classmethod
-    def from_quantized(cls, layer: nn.QuantizedLinear) -> "QuantizedLinear":
-        """This class's layer over an MLX affine ``QuantizedLinear``'s own
-        arrays (shared, not copied), options and frozen state.
-
-        Args:
-            layer (mlx.nn.QuantizedLinear): an ``"affine"``-mode layer.
-
-        Returns:
-            QuantizedLinear: the new layer.
-        """
-        return _adopt(cls, nn.QuantizedLinear, layer, "QuantizedLinear.from_quantized")
-
 
 class QuantizedEmbedding(_PlannedCalls, nn.QuantizedEmbedding):
     """:class:`mlx.nn.QuantizedEmbedding` on mlx-quant-ops' ops.
@@ -291,6 +299,8 @@ class QuantizedEmbedding(_PlannedCalls, nn.QuantizedEmbedding):
         bits (int, optional): bits per weight. Default: 4.
         mode (str, optional): must be ``"affine"``. Default: ``"affine"``.
     """
+
+    _ADOPTS = nn.QuantizedEmbedding  # the layer from_quantized takes
 
     def __init__(
         self,
@@ -345,21 +355,6 @@ class QuantizedEmbedding(_PlannedCalls, nn.QuantizedEmbedding):
         layer = cls(num_embeddings, dims, group_size, bits, mode)
         layer._quantize_weight(embedding_layer.weight)
         return layer
-
-    @classmethod
-    def from_quantized(cls, layer: nn.QuantizedEmbedding) -> "QuantizedEmbedding":
-        """This class's layer over an MLX affine ``QuantizedEmbedding``'s own
-        arrays (shared, not copied), options and frozen state.
-
-        Args:
-            layer (mlx.nn.QuantizedEmbedding): an ``"affine"``-mode layer.
-
-        Returns:
-            QuantizedEmbedding: the new layer.
-        """
-        return _adopt(
-            cls, nn.QuantizedEmbedding, layer, "QuantizedEmbedding.from_quantized"
-        )
 
 
 if _MLXLMQuantizedSwitchLinear is not None:
@@ -426,6 +421,8 @@ class QuantizedSwitchLinear(_PlannedCalls, _SwitchBase):
         bits (int, optional): bits per weight. Default: 4.
         mode (str, optional): must be ``"affine"``. Default: ``"affine"``.
     """
+
+    _ADOPTS = _SwitchBase  # the layer from_quantized takes
 
     def __init__(
         self,
@@ -509,20 +506,6 @@ class QuantizedSwitchLinear(_PlannedCalls, _SwitchBase):
             layer.bias = switch_layer.bias
         return layer
 
-    @classmethod
-    def from_quantized(cls, layer: nn.Module) -> "QuantizedSwitchLinear":
-        """This class's layer over an mlx-lm affine ``QuantizedSwitchLinear``'s
-        own arrays (shared, not copied), options and frozen state.
-
-        Args:
-            layer (mlx_lm.models.switch_layers.QuantizedSwitchLinear): an
-                ``"affine"``-mode layer.
-
-        Returns:
-            QuantizedSwitchLinear: the new layer.
-        """
-        return _adopt(cls, _SwitchBase, layer, "QuantizedSwitchLinear.from_quantized")
-
 
 if _MLXLMQuantizedMultiLinear is not None:
     _MultiBase = _MLXLMQuantizedMultiLinear
@@ -572,6 +555,8 @@ class QuantizedMultiLinear(_PlannedCalls, _MultiBase):
         bits (int, optional): bits per weight. Default: 4.
         mode (str, optional): must be ``"affine"``. Default: ``"affine"``.
     """
+
+    _ADOPTS = _MultiBase  # the layer from_quantized takes
 
     def __init__(
         self,
@@ -630,20 +615,6 @@ class QuantizedMultiLinear(_PlannedCalls, _MultiBase):
         layer = cls(input_dims, output_dims, num_heads, group_size, bits, mode)
         layer._quantize_weight(multi_layer.weight)
         return layer
-
-    @classmethod
-    def from_quantized(cls, layer: nn.Module) -> "QuantizedMultiLinear":
-        """This class's layer over an mlx-lm affine ``QuantizedMultiLinear``'s
-        own arrays (shared, not copied), options and frozen state.
-
-        Args:
-            layer (mlx_lm.models.mla.QuantizedMultiLinear): an
-                ``"affine"``-mode layer.
-
-        Returns:
-            QuantizedMultiLinear: the new layer.
-        """
-        return _adopt(cls, _MultiBase, layer, "QuantizedMultiLinear.from_quantized")
 
 
 # Linear layers of one module that read the same input in the models
